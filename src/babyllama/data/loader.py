@@ -1,0 +1,105 @@
+"""Batches of training windows from pretraining shards: deterministic, resumable, rank-aware.
+
+The token stream is cut into non-overlapping windows of `seq_len + 1` tokens (inputs and their
+next-token targets). Each epoch visits every window once in an order drawn from (seed, epoch);
+only window *order* is shuffled, never the tokens inside a window, so documents stay intact.
+The position (epoch, cursor) is the whole state: saving it and restoring it resumes exactly.
+With several processes, rank r takes windows r, r + world, ... of each global batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from babyllama.data.pretrain import load_manifest
+from babyllama.data.readers import DataError
+
+
+class TokenWindows:
+    """All complete windows of one split, addressed by a flat index."""
+
+    def __init__(self, directory: str | Path, split: str, seq_len: int):
+        directory = Path(directory)
+        self.manifest = load_manifest(directory)
+        self.seq_len = seq_len
+        dtype = np.dtype(self.manifest["dtype"])
+        self.shards, counts = [], []
+        for shard in self.manifest["splits"][split]["shards"]:
+            path = directory / shard["file"]
+            if not path.is_file():
+                raise DataError(f"{path}: shard listed in the manifest is missing")
+            expected = shard["tokens"] * dtype.itemsize
+            if path.stat().st_size != expected:
+                raise DataError(f"{path}: {path.stat().st_size} bytes, manifest says {expected}; "
+                                f"the shard is truncated or from another run")
+            data = np.memmap(path, dtype=dtype, mode="r")
+            self.shards.append(data)
+            counts.append(max(0, (len(data) - 1) // seq_len))  # windows overlap by the one target token
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.num_windows = int(self.starts[-1])
+
+    def window(self, index: int) -> np.ndarray:
+        shard = int(np.searchsorted(self.starts, index, side="right") - 1)
+        offset = (index - int(self.starts[shard])) * self.seq_len
+        return self.shards[shard][offset:offset + self.seq_len + 1]
+
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = np.stack([self.window(int(i)) for i in indices]).astype(np.int64)
+        data = torch.from_numpy(rows)
+        return data[:, :-1], data[:, 1:]
+
+
+class PretrainBatches:
+    """An endless, shuffled, resumable stream of (tokens, targets) micro-batches."""
+
+    def __init__(self, directory: str | Path, seq_len: int, batch_size: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, split: str = "train"):
+        self.windows = TokenWindows(directory, split, seq_len)
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        global_batch = batch_size * world_size
+        if self.windows.num_windows < global_batch:
+            raise DataError(f"{directory}: the {split} split has {self.windows.num_windows} windows of "
+                            f"{seq_len + 1} tokens, fewer than one batch ({global_batch}); "
+                            f"use more data, a smaller batch_size or a shorter max_seq_len")
+        self.epoch, self.cursor = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.windows.num_windows, generator=g).numpy()
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.windows.num_windows // (self.batch_size * self.world_size)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        global_batch = self.batch_size * self.world_size
+        if self.cursor + global_batch > len(self._order):  # drop the ragged tail, start a new epoch
+            self.epoch += 1
+            self.cursor = 0
+            self._order = self._permutation(self.epoch)
+        chosen = self._order[self.cursor:self.cursor + global_batch][self.rank::self.world_size]
+        self.cursor += global_batch
+        return self.windows.batch(chosen)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._order = self._permutation(self.epoch)
+
+
+def validation_batches(directory: str | Path, seq_len: int, batch_size: int, max_batches: int):
+    """A fixed list of validation batches (the same windows at every evaluation)."""
+    windows = TokenWindows(directory, "val", seq_len)
+    if windows.num_windows == 0:
+        raise DataError(f"{directory}: the validation split has no complete window of {seq_len + 1} tokens; "
+                        f"prepare the data with a larger --val-fraction")
+    n = min(windows.num_windows, batch_size * max_batches)
+    # spread the chosen windows over the whole split rather than taking its head
+    picks = np.linspace(0, windows.num_windows - 1, n).round().astype(np.int64)
+    return [windows.batch(picks[i:i + batch_size]) for i in range(0, n, batch_size)]

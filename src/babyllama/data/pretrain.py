@@ -1,0 +1,269 @@
+"""Tokenize a corpus into pretraining shards: flat token arrays on disk plus a JSON manifest.
+
+Layout of the output directory:
+
+    manifest.json          format, dtype, tokenizer fingerprint, counts, sources, shards
+    tokenizer/             a copy of the tokenizer, so training needs nothing else
+    train-00000.bin ...    uint16 (uint32 when the vocabulary needs it) tokens, doc EOS doc EOS ...
+    val-00000.bin ...      the validation split, chosen per document by a hash of its text
+
+The main process reads raw chunks (about 1 MB each) and writes results in input order; workers
+decode, parse, clean and encode. At most 2 x workers chunks are in flight, so memory stays flat
+whatever the corpus size, and the bytes written do not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+import zlib
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from babyllama.data.readers import DataError, RawChunk, ReadStats, parse_chunk, read_chunks, split_input_spec
+
+FORMAT = "babyllama-pretrain-v1"
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class PrepareConfig:
+    inputs: list[str]
+    tokenizer: str
+    out: str
+    layout: str = "auto"  # one layout for all inputs, or per input as "FILE::LAYOUT"
+    workers: int = 1
+    val_fraction: float = 0.005
+    shard_tokens: int = 1 << 28  # 256M tokens (512 MB of uint16) per shard
+    on_error: str = "raise"  # raise | skip (bad records counted and reported)
+    chunk_bytes: int = 1 << 20
+    progress: bool = True
+    exclude: list[str] = field(default_factory=list)  # files of texts (one per line) to keep out
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def is_validation(text: str, val_fraction: float) -> bool:
+    """Split by a hash of the text: stable across runs and worker counts, and exact duplicates
+    always land on the same side, so they cannot leak from training into validation."""
+    return (zlib.crc32(text.encode("utf-8")) % 1_000_000) < val_fraction * 1_000_000
+
+
+# --- worker side ----------------------------------------------------------------------------------
+
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer_dir: str, val_fraction: float, on_error: str, exclude: frozenset) -> None:
+    from babyllama.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    _WORKER.update(tok=tok, dtype=token_dtype(tok.vocab_size), val_fraction=val_fraction,
+                   on_error=on_error, exclude=exclude)
+
+
+@dataclass
+class ChunkResult:
+    source: str
+    train: np.ndarray
+    val: np.ndarray
+    train_docs: int
+    val_docs: int
+    stats: ReadStats
+    excluded: int
+    nbytes: int
+
+
+def _encode_chunk(chunk: RawChunk) -> ChunkResult:
+    tok, dtype = _WORKER["tok"], _WORKER["dtype"]
+    stats = ReadStats()
+    docs = parse_chunk(chunk, _WORKER["on_error"], stats)
+    exclude = _WORKER["exclude"]
+    excluded = 0
+    if exclude:
+        kept = [d for d in docs if d not in exclude]
+        excluded = len(docs) - len(kept)
+        docs = kept
+    ids = tok.encode_batch(docs)
+    parts: dict[bool, list] = {False: [], True: []}
+    eos = np.array([tok.eos_id], dtype=dtype)
+    for doc, doc_ids in zip(docs, ids):
+        target = parts[is_validation(doc, _WORKER["val_fraction"])]
+        target.append(np.asarray(doc_ids, dtype=dtype))
+        target.append(eos)
+    empty = np.zeros(0, dtype=dtype)
+    return ChunkResult(chunk.source,
+                       np.concatenate(parts[False]) if parts[False] else empty,
+                       np.concatenate(parts[True]) if parts[True] else empty,
+                       len(parts[False]) // 2, len(parts[True]) // 2, stats, excluded, chunk.nbytes)
+
+
+# --- main side ------------------------------------------------------------------------------------
+
+class ShardWriter:
+    """Appends token arrays to numbered shard files; a document never straddles two shards."""
+
+    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int):
+        self.directory, self.split, self.dtype, self.shard_tokens = directory, split, dtype, shard_tokens
+        self.shards: list[dict] = []
+        self._file = None
+
+    def write(self, tokens: np.ndarray, docs: int) -> None:
+        if tokens.size == 0:
+            return
+        if self._file is None or self.shards[-1]["tokens"] + tokens.size > self.shard_tokens:
+            self._open_next()
+        self._file.write(tokens.tobytes())
+        self.shards[-1]["tokens"] += int(tokens.size)
+        self.shards[-1]["documents"] += docs
+
+    def _open_next(self) -> None:
+        self.close()
+        name = f"{self.split}-{len(self.shards):05d}.bin"
+        self._file = open(self.directory / name, "wb")
+        self.shards.append({"file": name, "tokens": 0, "documents": 0})
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+
+def _all_chunks(cfg: PrepareConfig) -> Iterator[RawChunk]:
+    for spec in cfg.inputs:
+        path, layout = split_input_spec(spec, cfg.layout)
+        yield from read_chunks(path, layout, cfg.chunk_bytes)
+
+
+def _load_exclusions(paths: list[str]) -> frozenset:
+    from babyllama.data.readers import clean_text
+
+    out = set()
+    for p in paths:
+        with open(p, encoding="utf-8") as f:
+            out.update(clean_text(line) for line in f if line.strip())
+    return frozenset(out)
+
+
+def _results(cfg: PrepareConfig, tokenizer_dir: str, exclude: frozenset) -> Iterator[ChunkResult]:
+    """Encoded chunks in input order: inline for one worker, else a bounded window of a pool."""
+    if cfg.workers <= 1:
+        _init_worker(tokenizer_dir, cfg.val_fraction, cfg.on_error, exclude)
+        for chunk in _all_chunks(cfg):
+            yield _encode_chunk(chunk)
+        return
+    method = "fork" if sys.platform == "linux" else "spawn"
+    ctx = mp.get_context(method)
+    with ctx.Pool(cfg.workers, initializer=_init_worker,
+                  initargs=(tokenizer_dir, cfg.val_fraction, cfg.on_error, exclude)) as pool:
+        pending: deque = deque()
+        for chunk in _all_chunks(cfg):
+            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+            if len(pending) >= 2 * cfg.workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def prepare_pretrain(cfg: PrepareConfig) -> dict:
+    """Tokenize `cfg.inputs` into shards under `cfg.out`; returns the manifest."""
+    from tqdm import tqdm
+
+    from babyllama.tokenizer import load_tokenizer
+
+    if not cfg.inputs:
+        raise DataError("no input files given")
+    for spec in cfg.inputs:
+        path, _ = split_input_spec(spec, cfg.layout)
+        if not Path(path).is_file():
+            raise DataError(f"{path}: no such file")
+        if Path(path).stat().st_size == 0:
+            raise DataError(f"{path}: file is empty")
+    tok = load_tokenizer(cfg.tokenizer)
+    dtype = token_dtype(tok.vocab_size)
+    out = Path(cfg.out)
+    work = out.with_name(out.name + ".partial")
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    tok.save(work / "tokenizer")
+    exclude = _load_exclusions(cfg.exclude)
+
+    writers = {"train": ShardWriter(work, "train", dtype, cfg.shard_tokens),
+               "val": ShardWriter(work, "val", dtype, cfg.shard_tokens)}
+    sources: dict[str, dict] = {}
+    total_bytes = sum(Path(split_input_spec(s, cfg.layout)[0]).stat().st_size for s in cfg.inputs)
+    start = time.perf_counter()
+    n_tokens = n_chars = 0
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not cfg.progress,
+               desc="tokenizing", dynamic_ncols=True)
+    try:
+        for res in _results(cfg, str(work / "tokenizer"), exclude):
+            writers["train"].write(res.train, res.train_docs)
+            writers["val"].write(res.val, res.val_docs)
+            src = sources.setdefault(res.source, {"path": res.source, "documents": 0, "characters": 0,
+                                                  "skipped": 0, "skipped_where": [], "excluded": 0})
+            src["documents"] += res.stats.documents - res.excluded
+            src["characters"] += res.stats.characters
+            src["skipped"] += res.stats.skipped
+            src["excluded"] += res.excluded
+            src["skipped_where"] = (src["skipped_where"] + res.stats.skipped_where)[:5]
+            n_tokens += res.train.size + res.val.size
+            n_chars += res.stats.characters
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            bar.update(res.nbytes)
+            bar.set_postfix_str(f"{n_chars / elapsed / 1e6:.2f}M chars/s {n_tokens / elapsed / 1e3:.0f}k tok/s")
+    finally:
+        bar.close()
+        for w in writers.values():
+            w.close()
+
+    if writers["train"].shards == [] or sum(s["tokens"] for s in writers["train"].shards) == 0:
+        shutil.rmtree(work)
+        raise DataError(f"no documents found in {', '.join(cfg.inputs)}")
+    elapsed = time.perf_counter() - start
+    manifest = {
+        "format": FORMAT,
+        "dtype": dtype.name,
+        "tokenizer": {"fingerprint": tok.fingerprint, "kind": tok.kind, "vocab_size": tok.vocab_size,
+                      "eos_id": tok.eos_id, "bos_id": tok.bos_id},
+        "val_fraction": cfg.val_fraction,
+        "splits": {name: {"shards": w.shards, "tokens": sum(s["tokens"] for s in w.shards),
+                          "documents": sum(s["documents"] for s in w.shards)} for name, w in writers.items()},
+        "sources": list(sources.values()),
+        "characters": n_chars,
+        "seconds": round(elapsed, 2),
+        "workers": cfg.workers,
+    }
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(work, out)  # the output directory appears complete or not at all
+    skipped = sum(s["skipped"] for s in sources.values())
+    if skipped and cfg.progress:
+        print(f"skipped {skipped} bad records (--on-error skip); first: "
+              + "; ".join(w for s in sources.values() for w in s["skipped_where"][:2]), file=sys.stderr)
+    return manifest
+
+
+def load_manifest(directory: str | Path) -> dict:
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{directory}: no {MANIFEST}; prepare the data first with `babyllama data pretrain`")
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
+    return manifest

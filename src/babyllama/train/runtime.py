@@ -1,0 +1,97 @@
+"""Where and how to run: device, precision, CPU allocator, threads, peak FLOPs for MFU."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import sys
+import time
+
+import torch
+
+# Dense bf16/fp16 tensor-core peaks (FLOP/s) of common GPUs, for MFU.
+GPU_PEAK_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
+    "L4": 121e12, "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def cpu_has_fast_bf16() -> bool:
+    cpu = getattr(torch._C, "_cpu", None)
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        fn = getattr(cpu, probe, None)
+        if fn is not None and fn():
+            return True
+    return False
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto': bf16 on GPUs that have it, fp16 on older GPUs, float32 on CPUs without bf16 units
+    (on those, bf16 matmuls run about 100x slower than float32)."""
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name != "auto":
+        if name not in table:
+            raise ValueError(f"unknown dtype '{name}' (auto, float32, bfloat16, float16)")
+        return table[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+_allocator_tuned = False
+
+
+def tune_cpu_allocator() -> None:
+    """Keep freed memory in the process (glibc): training frees and re-allocates the same large
+    activations every step, and returning them to the OS costs a page fault per 4 KB each time.
+    On this 2-core machine it lifts training throughput by ~10-40%. No effect off glibc."""
+    global _allocator_tuned
+    if _allocator_tuned or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+        libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
+        _allocator_tuned = True
+    except OSError:
+        pass
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Peak FLOP/s for MFU: a table for GPUs, a short matmul measurement on CPUs."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return value if dtype != torch.float32 else value / 2  # tf32 at best
+        return None
+    if device.type == "cpu":
+        n = 1024
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b
+        t, reps = time.perf_counter(), 0
+        while time.perf_counter() - t < 0.3:
+            a @ b
+            reps += 1
+        return 2 * n ** 3 * reps / (time.perf_counter() - t)
+    return None
