@@ -225,6 +225,11 @@ def prepare_pretrain(cfg: PrepareConfig) -> dict:
             elapsed = max(time.perf_counter() - start, 1e-9)
             bar.update(res.nbytes)
             bar.set_postfix_str(f"{n_chars / elapsed / 1e6:.2f}M chars/s {n_tokens / elapsed / 1e3:.0f}k tok/s")
+    except BaseException:
+        for w in writers.values():
+            w.close()
+        shutil.rmtree(work, ignore_errors=True)  # no half-written output left behind
+        raise
     finally:
         bar.close()
         for w in writers.values():

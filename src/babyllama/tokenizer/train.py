@@ -67,6 +67,22 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> SentencePieceTokenizer:
     if not sentences:
         raise ValueError(f"no text found in {', '.join(cfg.inputs)}")
     model = io.BytesIO()
+    try:
+        _train_spm(spm, sentences, model, cfg)
+    except RuntimeError as e:
+        if "required_chars" in str(e):
+            raise ValueError(f"--vocab-size {cfg.vocab_size} cannot hold the distinct characters of this corpus at "
+                             f"character coverage {cfg.character_coverage}: {str(e).split(']')[-1].strip()}") from None
+        raise
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    tok = SentencePieceTokenizer(out / "tokenizer.model", kind="babyllama")
+    tok.save(out)
+    return tok
+
+
+def _train_spm(spm, sentences: list[str], model: io.BytesIO, cfg: TokenizerTrainConfig) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences), model_writer=model,
         model_type="bpe", vocab_size=cfg.vocab_size,
@@ -78,9 +94,3 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> SentencePieceTokenizer:
         max_sentence_length=4 * MAX_PIECE_OF_TEXT, input_sentence_size=0, shuffle_input_sentence=False,
         num_threads=cfg.threads, minloglevel=2,
     )
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tokenizer.model").write_bytes(model.getvalue())
-    tok = SentencePieceTokenizer(out / "tokenizer.model", kind="babyllama")
-    tok.save(out)
-    return tok

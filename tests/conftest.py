@@ -1,0 +1,74 @@
+"""Shared fixtures: a small tokenizer and token shards made from the built-in corpus (real text)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from babyllama.config import ModelConfig
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def needs_shared(sub: str) -> Path:
+    path = SHARED / sub
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared/data comes with CI, not with a user's clone)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """~3,000 real documents: People's Daily paragraphs and reviews, as plain text files."""
+    from babyllama.data.builtin import peoples_daily_file, review_files
+    from babyllama.data.readers import iter_documents
+
+    out = tmp_path_factory.mktemp("corpus")
+    docs = list(itertools.islice(iter_documents(peoples_daily_file(), "peoples_daily"), 2000))
+    (out / "news.txt").write_text("\n".join(docs) + "\n", encoding="utf-8")
+    with open(review_files()["positive"], encoding="utf-8") as f:
+        reviews = [next(f).strip() for _ in range(1000)]
+    (out / "reviews.txt").write_text("\n".join(reviews) + "\n", encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(corpus_dir, tmp_path_factory) -> Path:
+    from babyllama.tokenizer.train import TokenizerTrainConfig, train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer(TokenizerTrainConfig(inputs=[str(corpus_dir / "news.txt"), str(corpus_dir / "reviews.txt")],
+                                         out=str(out), vocab_size=4096))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from babyllama.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def data_dir(corpus_dir, tokenizer_dir, tmp_path_factory) -> Path:
+    from babyllama.data.pretrain import PrepareConfig, prepare_pretrain
+
+    out = tmp_path_factory.mktemp("shards") / "data"
+    prepare_pretrain(PrepareConfig(inputs=[str(corpus_dir / "news.txt"), str(corpus_dir / "reviews.txt")],
+                                   tokenizer=str(tokenizer_dir), out=str(out), val_fraction=0.05, progress=False))
+    return out
+
+
+def tiny_model_config(vocab_size: int = 1024, **kw) -> ModelConfig:
+    base = dict(vocab_size=vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,87 @@
+import torch
+
+from babyllama.infer.generate import TextStreamer, generate_tokens
+from babyllama.infer.sampling import SamplingConfig, filter_top_k, filter_top_p, apply_repetition_penalty, sample_next
+from babyllama.model import Llama
+from tests.conftest import tiny_model_config
+
+GREEDY = SamplingConfig(temperature=0, repetition_penalty=1.0)
+
+
+def _model():
+    torch.manual_seed(3)
+    return Llama(tiny_model_config(max_seq_len=96)).eval()
+
+
+def test_greedy_with_and_without_kv_cache_identical():
+    model = _model()
+    prompt = torch.randint(0, 1024, (2, 7))
+    with_cache = torch.stack(list(generate_tokens(model, prompt, 60, GREEDY, use_cache=True)), 1)
+    without = torch.stack(list(generate_tokens(model, prompt, 60, GREEDY, use_cache=False)), 1)
+    assert with_cache.shape == (2, 60)
+    assert torch.equal(with_cache, without)
+
+
+def test_sampling_with_and_without_cache_identical_for_same_seed():
+    model = _model()
+    prompt = torch.randint(0, 1024, (1, 5))
+    cfg = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, seed=7)
+    a = torch.stack(list(generate_tokens(model, prompt, 40, cfg, use_cache=True)), 1)
+    b = torch.stack(list(generate_tokens(model, prompt, 40, cfg, use_cache=False)), 1)
+    assert torch.equal(a, b)
+
+
+def test_prefill_in_two_pieces_equals_one_piece():
+    """Chunked prefill: new queries must see the cache and be causal among themselves."""
+    model = _model()
+    tokens = torch.randint(0, 1024, (1, 30))
+    full = model(tokens)
+    cache = model.new_cache(1)
+    first = model(tokens[:, :18], cache=cache, start_pos=0)
+    second = model(tokens[:, 18:], cache=cache, start_pos=18)
+    torch.testing.assert_close(torch.cat([first, second], 1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_generation_stops_at_eos_and_context():
+    model = _model()
+    prompt = torch.randint(0, 1024, (1, 90))
+    assert len(list(generate_tokens(model, prompt, 100, GREEDY))) == 6  # 96-token context
+    first = next(generate_tokens(model, prompt[:, :5], 1, GREEDY))
+    out = list(generate_tokens(model, prompt[:, :5], 50, GREEDY, eos_id=int(first)))
+    assert len(out) == 1
+
+
+def test_sampling_really_samples():
+    """The original took the argmax after top-p; a real sampler draws different tokens."""
+    logits = torch.zeros(1, 10)
+    logits[0, 3] = 1.0
+    cfg = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_next(logits, cfg, generator=g) for _ in range(2000)])
+    counts = torch.bincount(draws.flatten(), minlength=10).float() / 2000
+    expected = logits.softmax(-1)[0]
+    assert (counts > 0).all()  # every token is drawn sometimes
+    assert torch.allclose(counts, expected, atol=0.03)
+
+
+def test_top_k_and_top_p_keep_the_right_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isfinite(filter_top_k(logits, 2)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_top_p(logits, 0.75)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_top_p(logits, 0.8)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_top_p(logits, 0.81)).tolist() == [[True, True, True, False]]
+    assert torch.isfinite(filter_top_p(logits, 0.1)).tolist() == [[True, False, False, False]]
+
+
+def test_repetition_penalty_lowers_seen_tokens_only():
+    logits = torch.tensor([[2.0, -1.0, 2.0, -1.0]])
+    out = apply_repetition_penalty(logits, torch.tensor([[0, 1]]), 2.0)
+    assert out.tolist() == [[1.0, -2.0, 2.0, -1.0]]
+
+
+def test_streamer_never_prints_half_a_character(tokenizer):
+    text = "表情😀和生僻字𠀾。"
+    streamer = TextStreamer(tokenizer)
+    pieces = [streamer.push(i) for i in tokenizer.encode(text)] + [streamer.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)

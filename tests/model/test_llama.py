@@ -1,0 +1,115 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from babyllama.model import Llama
+from babyllama.model.loss import IGNORE_INDEX, linear_cross_entropy
+from babyllama.model.rope import apply_rope, rope_cos_sin
+from tests.conftest import tiny_model_config
+
+
+def naive_attention(q, k, v):
+    """Softmax(QK^T / sqrt(d) + causal mask) V, written out."""
+    T = q.shape[-2]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    mask = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
+    return scores.masked_fill(mask, float("-inf")).softmax(-1) @ v
+
+
+def naive_forward(model: Llama, tokens: torch.Tensor) -> torch.Tensor:
+    """The same network written step by step, with repeat of kv heads and naive attention."""
+    cfg = model.config
+    x = model.tok_embeddings(tokens)
+    B, T, _ = x.shape
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * w
+
+    for layer in model.layers:
+        h = rms(x, layer.attention_norm.weight)
+        qkv = h @ layer.attention.wqkv.weight.t()
+        q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        q = qkv[..., :q_dim].reshape(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+        k = qkv[..., q_dim:q_dim + kv_dim].reshape(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = qkv[..., q_dim + kv_dim:].reshape(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rep = cfg.n_heads // cfg.n_kv_heads
+        k = torch.cat([k[:, i // rep:i // rep + 1] for i in range(cfg.n_heads)], dim=1)
+        v = torch.cat([v[:, i // rep:i // rep + 1] for i in range(cfg.n_heads)], dim=1)
+        a = naive_attention(q, k, v).transpose(1, 2).reshape(B, T, -1)
+        x = x + a @ layer.attention.wo.weight.t()
+        h = rms(x, layer.ffn_norm.weight)
+        gate, up = (h @ layer.feed_forward.w13.weight.t()).split(cfg.hidden_dim, dim=-1)
+        x = x + (F.silu(gate) * up) @ layer.feed_forward.w2.weight.t()
+    return rms(x, model.norm.weight) @ model.output_weight.t()
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+def test_forward_matches_naive_reference(n_kv_heads):
+    model = Llama(tiny_model_config(n_kv_heads=n_kv_heads)).eval()
+    tokens = torch.randint(0, 1024, (2, 33))
+    torch.testing.assert_close(model(tokens), naive_forward(model, tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_model_is_causal():
+    model = Llama(tiny_model_config()).eval()
+    a = torch.randint(0, 1024, (1, 20))
+    b = a.clone()
+    b[0, 12:] = torch.randint(0, 1024, (8,))
+    la, lb = model(a), model(b)
+    torch.testing.assert_close(la[:, :12], lb[:, :12])
+    assert not torch.allclose(la[:, 12:], lb[:, 12:])
+
+
+def test_rope_rotation_is_relative():
+    """Scores of rotated q, k depend only on the distance between positions."""
+    cos, sin = rope_cos_sin(16, 64)
+    q, k = torch.randn(16), torch.randn(16)
+
+    def score(i, j):
+        qi = apply_rope(q.view(1, 1, 1, 16), cos[i:i + 1], sin[i:i + 1])
+        kj = apply_rope(k.view(1, 1, 1, 16), cos[j:j + 1], sin[j:j + 1])
+        return float((qi * kj).sum())
+
+    assert score(5, 2) == pytest.approx(score(40, 37), rel=1e-4, abs=1e-5)
+    assert score(5, 2) != pytest.approx(score(5, 4), rel=1e-3)
+
+
+def test_fused_loss_and_gradients_match_plain_cross_entropy():
+    torch.manual_seed(1)
+    h = torch.randn(50, 16, requires_grad=True)
+    w = torch.randn(300, 16, requires_grad=True)
+    t = torch.randint(0, 300, (50,))
+    t[::7] = IGNORE_INDEX
+    ours = linear_cross_entropy(h, w, t, chunk_rows=8)
+    ours.backward(torch.tensor(0.5))
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref = F.cross_entropy(h @ w.t(), t, ignore_index=IGNORE_INDEX, reduction="sum")
+    (ref * 0.5).backward()
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(gh, h.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw, w.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_model_loss_equals_cross_entropy_of_logits():
+    model = Llama(tiny_model_config(tie_embeddings=False))
+    x, y = torch.randint(0, 1024, (2, 16)), torch.randint(0, 1024, (2, 16))
+    loss = model(x, y)
+    ref = F.cross_entropy(model(x).reshape(-1, 1024), y.reshape(-1), reduction="sum")
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-3)
+
+
+def test_parameter_count_formula_matches_model():
+    for tie in (True, False):
+        cfg = tiny_model_config(tie_embeddings=tie)
+        assert Llama(cfg).num_params() == cfg.num_params()
+
+
+def test_sequence_longer_than_context_is_refused():
+    model = Llama(tiny_model_config(max_seq_len=16))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 17, dtype=torch.long))
