@@ -56,7 +56,8 @@ def cmd_tokenizer_train(args) -> None:
     from babyllama.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 
     tok = train_tokenizer(TokenizerTrainConfig(inputs=args.input, out=args.out, vocab_size=args.vocab_size,
-                                               layout=args.layout, max_sentences=args.max_sentences))
+                                               layout=args.layout, max_sentences=args.max_sentences,
+                                               character_coverage=args.character_coverage))
     print(f"trained {tok.vocab_size}-token BPE tokenizer -> {args.out} (fingerprint {tok.fingerprint})")
 
 
@@ -127,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--layout", default="auto", help="where the text is in each record (see `data pretrain --help`)")
     p.add_argument("--max-sentences", type=int, default=2_000_000, help="lines sampled for training (default 2M)")
+    p.add_argument("--character-coverage", type=float, default=0.9995,
+                   help="share of characters given their own token; the rest fall back to bytes (default 0.9995)")
     p.set_defaults(func=cmd_tokenizer_train)
 
     data = sub.add_parser("data", help="prepare datasets").add_subparsers(dest="action", metavar="ACTION")

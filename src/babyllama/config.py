@@ -205,7 +205,7 @@ PRESETS: dict[str, RunConfig] = {
     ),
     # The original baby-llama2-chinese table: dim 512, 8 layers, 8 heads, seq 256 (58.5M params with ChatGLM2's vocab).
     "original": RunConfig(
-        model=ModelConfig(dim=512, n_layers=8, n_heads=8, max_seq_len=256, tie_embeddings=False),
+        model=ModelConfig(dim=512, n_layers=8, n_heads=8, max_seq_len=256),
         train=TrainConfig(batch_size=32, grad_accum=4, max_steps=20000, lr=3e-4, min_lr=3e-5,
                           warmup_steps=1000, eval_interval=1000, ckpt_interval=1000),
     ),

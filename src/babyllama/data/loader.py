@@ -75,7 +75,8 @@ class PretrainBatches:
     def batches_per_epoch(self) -> int:
         return self.windows.num_windows // (self.batch_size * self.world_size)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_indices(self) -> np.ndarray:
+        """Window indices of this rank's next micro-batch."""
         global_batch = self.batch_size * self.world_size
         if self.cursor + global_batch > len(self._order):  # drop the ragged tail, start a new epoch
             self.epoch += 1
@@ -83,7 +84,10 @@ class PretrainBatches:
             self._order = self._permutation(self.epoch)
         chosen = self._order[self.cursor:self.cursor + global_batch][self.rank::self.world_size]
         self.cursor += global_batch
-        return self.windows.batch(chosen)
+        return chosen
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.windows.batch(self.next_indices())
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor}

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from babyllama.data.readers import iter_documents
-from babyllama.tokenizer import BOS, EOS, IM_END, IM_START, PAD, RESERVED, UNK, SentencePieceTokenizer
+from babyllama.tokenizer import BOS, EOS, IM_END, IM_START, PAD, RESERVED, UNK, SentencePieceTokenizer, TokenizerError
 
 # sentencepiece refuses longer "sentences"; documents are cut at line breaks, then at this length
 MAX_PIECE_OF_TEXT = 2000
@@ -65,14 +65,15 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> SentencePieceTokenizer:
 
     sentences = _reservoir(_sentences(cfg), cfg.max_sentences, cfg.seed)
     if not sentences:
-        raise ValueError(f"no text found in {', '.join(cfg.inputs)}")
+        raise TokenizerError(f"no text found in {', '.join(cfg.inputs)}")
     model = io.BytesIO()
     try:
         _train_spm(spm, sentences, model, cfg)
     except RuntimeError as e:
         if "required_chars" in str(e):
-            raise ValueError(f"--vocab-size {cfg.vocab_size} cannot hold the distinct characters of this corpus at "
-                             f"character coverage {cfg.character_coverage}: {str(e).split(']')[-1].strip()}") from None
+            raise TokenizerError(f"--vocab-size {cfg.vocab_size} cannot hold the distinct characters of this corpus "
+                                 f"at character coverage {cfg.character_coverage} ({str(e).split('. ')[1]} needed); "
+                                 f"raise --vocab-size or lower --character-coverage") from None
         raise
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

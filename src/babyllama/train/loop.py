@@ -200,7 +200,9 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------------------------
 
-    def fit(self) -> dict[str, Any]:
+    def fit(self, stop_at_step: int | None = None) -> dict[str, Any]:
+        """Train to cfg.max_steps (or pause at `stop_at_step`, with a checkpoint, without changing
+        the schedule: a later resume continues as if never paused)."""
         from tqdm import tqdm
 
         cfg = self.cfg
@@ -241,6 +243,9 @@ class Trainer:
                         self.save()
                     if flag.get("stop"):
                         stop_reason = "interrupted"
+                        break
+                    if stop_at_step is not None and self.step >= stop_at_step:
+                        stop_reason = "paused"
                         break
                     if cfg.max_minutes and time.perf_counter() - started > cfg.max_minutes * 60:
                         stop_reason = "max_minutes"

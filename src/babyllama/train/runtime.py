@@ -87,7 +87,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
         return None
     if device.type == "cpu":
         n = 1024
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        g = torch.Generator().manual_seed(0)  # never touch the global RNG: resume must be exact
+        a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
         a @ b
         t, reps = time.perf_counter(), 0
         while time.perf_counter() - t < 0.3:

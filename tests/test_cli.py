@@ -1,0 +1,69 @@
+"""The CLI end to end on a tiny run: tokenizer -> shards -> pretrain -> resume -> generate,
+and the one-line errors a user sees on bad input."""
+
+import json
+
+import pytest
+
+from babyllama.cli import main
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, corpus_dir):
+    root = tmp_path_factory.mktemp("cli")
+    inputs = [str(corpus_dir / "news.txt"), str(corpus_dir / "reviews.txt")]
+    assert main(["tokenizer", "train", "--input", *inputs, "--vocab-size", "4096", "--out", str(root / "tok")]) == 0
+    assert main(["data", "pretrain", "--input", *inputs, "--tokenizer", str(root / "tok"), "--out", str(root / "data"),
+                 "--workers", "2", "--val-fraction", "0.05"]) == 0
+    args = ["pretrain", "--preset", "tiny", "--data", str(root / "data"), "--out", str(root / "run"),
+            "--set", "model.dim=64", "--set", "model.n_layers=2", "--set", "model.max_seq_len=64",
+            "--set", "train.eval_interval=4", "--set", "train.ckpt_interval=4", "--batch-size", "4", "--max-steps", "8"]
+    return root, args
+
+
+def test_pretrain_resume_and_generate(pipeline, capsys):
+    root, args = pipeline
+    assert main(args[:-2] + ["--max-steps", "4"]) == 0
+    assert (root / "run" / "checkpoints" / "latest").read_text().strip() == "step-00000004"
+    assert main(args) == 1  # the run exists: refuse to overwrite it silently
+    assert "pass --resume" in capsys.readouterr().err
+    assert main(["pretrain", "--data", str(root / "data"), "--out", str(root / "run"), "--resume", "--max-steps", "8"]) == 0
+    assert (root / "run" / "checkpoints" / "latest").read_text().strip() == "step-00000008"
+    steps = [json.loads(l)["step"] for l in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 8 and (root / "run" / "loss.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", str(root / "run"), "--prompt", "中国", "--max-new-tokens", "10", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("中国") and len(out.strip()) > 2
+
+
+def test_user_errors_are_one_line(pipeline, tmp_path, capsys):
+    root, _ = pipeline
+    assert main(["generate", "--ckpt", str(tmp_path / "missing"), "--prompt", "x"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("babyllama: error:") and "missing" in err and err.count("\n") == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "一"}\n{"text": "二"\n', encoding="utf-8")
+    assert main(["data", "pretrain", "--input", str(bad), "--tokenizer", str(root / "tok"), "--out", str(tmp_path / "o")]) == 1
+    assert "bad.jsonl: line 2: malformed JSON" in capsys.readouterr().err
+
+
+def test_tokenizer_and_shards_must_match(pipeline, tmp_path, corpus_dir, capsys):
+    root, args = pipeline
+    assert main(["tokenizer", "train", "--input", str(corpus_dir / "reviews.txt"), "--vocab-size", "300",
+                 "--out", str(tmp_path / "other")]) == 1
+    assert "raise --vocab-size or lower --character-coverage" in capsys.readouterr().err
+    assert main(["tokenizer", "train", "--input", str(corpus_dir / "reviews.txt"), "--vocab-size", "4000",
+                 "--out", str(tmp_path / "other")]) == 0
+    assert main(["pretrain", "--data", str(root / "data"), "--out", str(tmp_path / "r"),
+                 "--tokenizer", str(tmp_path / "other")]) == 1
+    err = capsys.readouterr().err
+    assert "manifest.json: shards were made with tokenizer" in err
+
+
+def test_help_explains_every_stage(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for stage in ("tokenizer", "data", "pretrain", "generate", "demo"):
+        assert stage in out

@@ -1,0 +1,117 @@
+import math
+
+import pytest
+import torch
+
+from babyllama.config import TrainConfig
+from babyllama.data.loader import PretrainBatches
+from babyllama.model import Llama
+from babyllama.train import checkpoint as ckpt_io
+from babyllama.train.loop import Trainer, TrainingDiverged
+from babyllama.train.optim import lr_at
+from tests.conftest import tiny_model_config
+from tests.train.helpers import FixedBatches, random_batches
+
+
+def make_trainer(out, batches, model_cfg=None, **train_kw):
+    model_cfg = model_cfg or tiny_model_config(max_seq_len=32)
+    torch.manual_seed(0)
+    model = Llama(model_cfg)
+    kw = dict(batch_size=2, max_steps=8, lr=3e-3, warmup_steps=2, eval_interval=1000, log_interval=1,
+              ckpt_interval=1000, device="cpu", dtype="float32")
+    kw.update(train_kw)
+    return Trainer(model, model_cfg, TrainConfig(**kw), batches, out, progress=False)
+
+
+def weights(trainer):
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("mask_some", [False, True])
+def test_accumulation_4x2_matches_batch_8(tmp_path, mask_some):
+    micro = random_batches(4, 2, 32, 1024, mask_some=mask_some)
+    big = [(torch.cat([x for x, _ in micro]), torch.cat([y for _, y in micro]))]
+    a = make_trainer(tmp_path / "a", FixedBatches(micro), grad_accum=4, batch_size=2)
+    b = make_trainer(tmp_path / "b", FixedBatches(big), grad_accum=1, batch_size=8)
+    loss_a, norm_a = a.train_step()
+    loss_b, norm_b = b.train_step()
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    assert norm_a == pytest.approx(norm_b, rel=1e-4)
+    wa, wb = weights(a), weights(b)
+    for k in wa:
+        # float32 summation order differs and Adam's first step divides by |g|, which magnifies
+        # it where a gradient is ~0: allow 1% of one step (lr = 3e-3), nothing more
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=3e-5)
+
+
+def test_resume_after_half_gives_the_same_weights(tmp_path, data_dir, tokenizer):
+    cfg = tiny_model_config(vocab_size=tokenizer.vocab_size, max_seq_len=32, dropout=0.1)  # dropout: RNG must resume too
+
+    def batches():
+        return PretrainBatches(data_dir, 32, 2, seed=5)
+
+    full = make_trainer(tmp_path / "full", batches(), cfg, max_steps=10)
+    full.fit()
+    half = make_trainer(tmp_path / "half", batches(), cfg, max_steps=10)
+    half.fit(stop_at_step=5)
+    resumed = make_trainer(tmp_path / "half", batches(), cfg, max_steps=10)
+    assert resumed.resume()
+    assert resumed.step == 5
+    resumed.fit()
+    assert resumed.step == 10
+    wf, wr = weights(full), weights(resumed)
+    for k in wf:
+        assert torch.equal(wf[k], wr[k]), k
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
+    t = make_trainer(tmp_path, FixedBatches(random_batches(2, 2, 32, 1024)), max_steps=2)
+    t.fit()
+    good = ckpt_io.find_checkpoint(tmp_path)
+    before = weights(t)
+    t.cfg.max_steps = 5
+    with torch.no_grad():
+        t.model.layers[0].attention.wqkv.weight[0, 0] = float("nan")
+    poisoned = weights(t)
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 2.*last good checkpoint: .*step-00000002"):
+        t.fit()
+    after = weights(t)
+    for k in poisoned:  # no optimizer step was taken with NaN gradients
+        assert torch.equal(after[k], poisoned[k]) or torch.isnan(after[k]).any() and k.startswith("layers.0.attention.wqkv")
+    assert ckpt_io.find_checkpoint(tmp_path) == good
+    reloaded = Llama(tiny_model_config(max_seq_len=32))
+    ckpt_io.load_weights(reloaded, good)
+    for k, v in reloaded.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_loss_falls_on_real_text(tmp_path, data_dir, tokenizer):
+    cfg = tiny_model_config(vocab_size=tokenizer.vocab_size, max_seq_len=64)
+    from babyllama.data.loader import validation_batches
+
+    t = make_trainer(tmp_path, PretrainBatches(data_dir, 64, 8), cfg, max_steps=40, lr=5e-3, warmup_steps=5,
+                     eval_interval=40)
+    t.val_batches = validation_batches(data_dir, 64, 8, 4)
+    summary = t.fit()
+    (s0, v0), (s1, v1) = summary["val"][0], summary["val"][-1]
+    assert (s0, s1) == (0, 40)
+    assert v0 == pytest.approx(math.log(tokenizer.vocab_size), abs=0.3)
+    assert v1 < v0 - 1.0  # ~1.5 nats measured; a broken loop stays near ln(vocab)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) >= 40
+
+
+def test_schedule_warmup_then_cosine():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 110))
+
+
+def test_weight_decay_on_matrices_only(tmp_path):
+    t = make_trainer(tmp_path, FixedBatches(random_batches(1, 2, 32, 1024)), weight_decay=0.1)
+    decay, no_decay = t.optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
