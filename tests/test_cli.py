@@ -67,3 +67,33 @@ def test_help_explains_every_stage(capsys):
     out = capsys.readouterr().out
     for stage in ("tokenizer", "data", "pretrain", "generate", "demo"):
         assert stage in out
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(pipeline, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, args = pipeline
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "babyllama.cli"] + args[:-2] + ["--max-steps", "100000"]
+    cmd[cmd.index("--out") + 1] = str(out)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "stopped (interrupted)" in output
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    step = int(latest.split("-")[1])
+    assert step > 0
+    from babyllama.train.checkpoint import load_training_state, find_checkpoint
+
+    _, state = load_training_state(find_checkpoint(out))
+    assert state["step"] == step

@@ -206,7 +206,7 @@ def prepare_pretrain(cfg: PrepareConfig) -> dict:
     sources: dict[str, dict] = {}
     total_bytes = sum(Path(split_input_spec(s, cfg.layout)[0]).stat().st_size for s in cfg.inputs)
     start = time.perf_counter()
-    n_tokens = n_chars = 0
+    n_tokens = n_chars = n_docs = 0
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not cfg.progress,
                desc="tokenizing", dynamic_ncols=True)
     try:
@@ -222,9 +222,11 @@ def prepare_pretrain(cfg: PrepareConfig) -> dict:
             src["skipped_where"] = (src["skipped_where"] + res.stats.skipped_where)[:5]
             n_tokens += res.train.size + res.val.size
             n_chars += res.stats.characters
+            n_docs += res.train_docs + res.val_docs
             elapsed = max(time.perf_counter() - start, 1e-9)
             bar.update(res.nbytes)
-            bar.set_postfix_str(f"{n_chars / elapsed / 1e6:.2f}M chars/s {n_tokens / elapsed / 1e3:.0f}k tok/s")
+            bar.set_postfix_str(f"{n_docs / elapsed:,.0f} docs/s {n_tokens / elapsed / 1e3:,.0f}k tokens/s "
+                                f"{n_chars / elapsed / 1e6:.2f}M chars/s")
     except BaseException:
         for w in writers.values():
             w.close()
