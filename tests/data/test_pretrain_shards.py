@@ -131,3 +131,22 @@ def test_memory_stays_flat_as_the_corpus_grows(tmp_path, tokenizer_dir, corpus_d
     (small_rss, _), (big_rss, big_mb) = peaks[3], peaks[120]
     assert big_mb > 1.2 * big_rss, peaks  # the corpus does not fit in what the process used
     assert big_rss - small_rss < 15, peaks  # MB: flat in corpus size
+
+
+def test_large_vocabulary_uses_uint32(tmp_path):
+    """A Hugging Face tokenizer.json with more than 65,536 ids: shards switch to uint32."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(70_000)}
+    vocab.update({"[UNK]": 70_000, "</s>": 70_001})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["</s>", "[UNK]"])
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    src = tmp_path / "c.txt"
+    src.write_text("w69999 w1\nw65536 w7\n", encoding="utf-8")
+    m = prepare_pretrain(PrepareConfig(inputs=[str(src)], tokenizer=str(tmp_path / "tok"), out=str(tmp_path / "o"),
+                                       val_fraction=0.0, progress=False))
+    assert m["dtype"] == "uint32"
+    assert read_split(tmp_path / "o", "train").tolist() == [69999, 1, 70_001, 65536, 7, 70_001]
