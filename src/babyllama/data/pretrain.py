@@ -95,17 +95,16 @@ def _encode_chunk(chunk: RawChunk) -> ChunkResult:
         excluded = len(docs) - len(kept)
         docs = kept
     ids = tok.encode_batch(docs)
-    parts: dict[bool, list] = {False: [], True: []}
-    eos = np.array([tok.eos_id], dtype=dtype)
+    streams: dict[bool, list[int]] = {False: [], True: []}
+    counts = {False: 0, True: 0}
+    eos, fraction = tok.eos_id, _WORKER["val_fraction"]
     for doc, doc_ids in zip(docs, ids):
-        target = parts[is_validation(doc, _WORKER["val_fraction"])]
-        target.append(np.asarray(doc_ids, dtype=dtype))
-        target.append(eos)
-    empty = np.zeros(0, dtype=dtype)
-    return ChunkResult(chunk.source,
-                       np.concatenate(parts[False]) if parts[False] else empty,
-                       np.concatenate(parts[True]) if parts[True] else empty,
-                       len(parts[False]) // 2, len(parts[True]) // 2, stats, excluded, chunk.nbytes)
+        is_val = fraction > 0 and is_validation(doc, fraction)
+        streams[is_val].extend(doc_ids)
+        streams[is_val].append(eos)
+        counts[is_val] += 1
+    return ChunkResult(chunk.source, np.array(streams[False], dtype=dtype), np.array(streams[True], dtype=dtype),
+                       counts[False], counts[True], stats, excluded, chunk.nbytes)
 
 
 # --- main side ------------------------------------------------------------------------------------

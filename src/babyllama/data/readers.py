@@ -77,10 +77,19 @@ _FULLWIDTH = {cp: cp - 0xFEE0 for r in ((0xFF10, 0xFF19), (0xFF21, 0xFF3A), (0xF
 _FULLWIDTH[0x3000] = 0x20  # ideographic space
 
 
+_HAS_FULLWIDTH = re.compile("[\uff10-\uff19\uff21-\uff3a\uff41-\uff5a\u3000]")
+
+
 def clean_text(text: str) -> str:
-    """NFC, drop control characters, full-width alphanumerics to ASCII, trim. Keeps newlines."""
-    text = unicodedata.normalize("NFC", text)
-    text = _CONTROL.sub("", text).translate(_FULLWIDTH).replace("\r\n", "\n")
+    """NFC, drop control characters, full-width alphanumerics to ASCII, trim. Keeps newlines.
+    Each step first checks whether it has anything to do: most text needs none of them."""
+    if not unicodedata.is_normalized("NFC", text):
+        text = unicodedata.normalize("NFC", text)
+    text = _CONTROL.sub("", text)
+    if _HAS_FULLWIDTH.search(text):
+        text = text.translate(_FULLWIDTH)
+    if "\r" in text:
+        text = text.replace("\r\n", "\n")
     return text.strip()
 
 
@@ -121,9 +130,12 @@ def record_extractor(layout: str, first_record: Any) -> Callable[[Any], str]:
                     f"(use auto, text, wikipedia, baike or field:NAME)")
 
 
+_POS_TAG = re.compile(r"/[A-Za-z]+(?:  |$)")
+
+
 def strip_pos_tags(line: str) -> str:
     """'迈向/v  充满/v  希望/n' -> '迈向充满希望' (People's Daily 1998 corpus format)."""
-    return "".join(tok.rsplit("/", 1)[0] for tok in line.split("  ") if tok)
+    return _POS_TAG.sub("", line)
 
 
 # --- raw chunks: what the main process reads and the workers parse --------------------------------

@@ -1,0 +1,44 @@
+"""`python -m bench [--quick] [--only train|data]`: every benchmark in turn, then one report of all tables.
+
+This process only starts the measurements and prints; it never imports torch or a tokenizer, so
+it stays small: a child started from it counts its parent's memory in ru_maxrss (Linux keeps the
+high-water mark across exec), and each measurement's peak RSS should be its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from importlib.metadata import version
+
+from bench import data_prep, train_vs_hf
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="fewer repetitions; the training benchmark runs the demo config only")
+    p.add_argument("--only", choices=["train", "data"], help="run one benchmark")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for the training benchmark")
+    args = p.parse_args()
+
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731  progress, kept out of the report
+    started = time.perf_counter()
+    tables = []
+    if args.only in (None, "train"):
+        log("training step: ours vs transformers LlamaForCausalLM")
+        tables.append(train_vs_hf.main(quick=args.quick, threads=args.threads, log=log))
+    if args.only in (None, "data"):
+        log("data preparation")
+        tables.append(data_prep.main(quick=args.quick, log=log))
+    print(f"## Benchmarks ({platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
+          f"torch {version('torch')}, transformers {version('transformers')}, "
+          f"{'quick' if args.quick else 'full'} run, {time.perf_counter() - started:.0f} s)\n")
+    print("\n\n".join(tables))
+
+
+if __name__ == "__main__":
+    main()
