@@ -90,9 +90,12 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
         g = torch.Generator().manual_seed(0)  # never touch the global RNG: resume must be exact
         a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
         a @ b
-        t, reps = time.perf_counter(), 0
-        while time.perf_counter() - t < 0.3:
-            a @ b
-            reps += 1
-        return 2 * n ** 3 * reps / (time.perf_counter() - t)
+        best = 0.0
+        for _ in range(5):  # best of several short trials: a busy neighbour only lowers a trial
+            t, reps = time.perf_counter(), 0
+            while time.perf_counter() - t < 0.08:
+                a @ b
+                reps += 1
+            best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t))
+        return best
     return None

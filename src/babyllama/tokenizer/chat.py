@@ -1,0 +1,74 @@
+"""The chat template, defined once: SFT, `chat`, generation (and later the server and the exported
+tokenizer) all build conversations here.
+
+    <|im_start|>system\n{content}<|im_end|>\n
+    <|im_start|>user\n{content}<|im_end|>\n
+    <|im_start|>assistant\n{content}<|im_end|>\n
+
+The markers are special-token *ids* inserted by this code, never parsed from text, so a prompt can
+neither forge a turn boundary nor be confused with the end of a document (the original project's
+`<eos>` / `<bos>` separator mix-up cannot happen). Labels cover every assistant turn's content and
+its closing <|im_end|>; everything else is -100.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from babyllama.tokenizer import IM_END, IM_START, Tokenizer, TokenizerError
+
+ROLES = ("system", "user", "assistant")
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"unknown role {self.role!r} (expected one of {', '.join(ROLES)})")
+
+
+class ChatTemplate:
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok = tokenizer
+        specials = tokenizer.special_tokens
+        if IM_START in specials and IM_END in specials:
+            self.start_id, self.end_id = specials[IM_START], specials[IM_END]
+        elif "sop" in specials and "eop" in specials:  # ChatGLM2: its own turn markers
+            self.start_id, self.end_id = specials["sop"], specials["eop"]
+        else:
+            raise TokenizerError(f"{tokenizer.kind} tokenizer has no chat markers ({IM_START}/{IM_END}); "
+                                 f"train one with `babyllama tokenizer train`, which reserves them")
+        self._role_ids = {role: tokenizer.encode(role + "\n") for role in ROLES}
+        self._newline = tokenizer.encode("\n")
+
+    def encode(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """Token ids and labels (-100 outside assistant replies) of a whole conversation."""
+        ids: list[int] = []
+        labels: list[int] = []
+        contents = self.tok.encode_batch([m.content for m in messages]) if messages else []
+        for message, content in zip(messages, contents):
+            head = [self.start_id, *self._role_ids[message.role]]
+            body = [*content, self.end_id]
+            ids += head + body + self._newline
+            trained = message.role == "assistant"
+            labels += [IGNORE] * len(head) + (body if trained else [IGNORE] * len(body)) + [IGNORE] * len(self._newline)
+        if add_generation_prompt:
+            head = [self.start_id, *self._role_ids["assistant"]]
+            ids += head
+            labels += [IGNORE] * len(head)
+        return ids, labels
+
+    def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
+        """What the model sees before it writes the next assistant reply."""
+        return self.encode(messages, add_generation_prompt=True)[0]
+
+    @staticmethod
+    def render(messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+        """The same conversation as text (for display and for tokenizers that export a template)."""
+        text = "".join(f"{IM_START}{m.role}\n{m.content}{IM_END}\n" for m in messages)
+        return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
