@@ -3,7 +3,9 @@
     babyllama tokenizer train --input FILE... --vocab-size N --out DIR
     babyllama data pretrain   --input FILE... --tokenizer DIR --out DIR [--workers N]
     babyllama pretrain        --preset NAME | --config FILE  --data DIR --out DIR [--max-steps N] [--resume]
-    babyllama generate        --ckpt DIR --prompt TEXT
+    babyllama generate        --ckpt DIR --prompt TEXT [--chat]
+    babyllama sft             --ckpt DIR --data FILE... --out DIR
+    babyllama chat            --ckpt DIR
     babyllama demo            the whole pipeline on the built-in corpus (what `make demo` runs)
 
 Every stage is also a Python function taking a typed config (see README.md).
@@ -33,8 +35,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="random seed (train.seed)")
 
 
-def _run_config(args):
-    from babyllama.config import config_file_preset, load_config, parse_overrides
+def _run_config(args, base=None):
+    from babyllama.config import RunConfig, config_file_preset, load_config, parse_overrides
 
     overrides = parse_overrides(args.set)
     train = overrides.setdefault("train", {})
@@ -49,6 +51,12 @@ def _run_config(args):
     preset_name = args.preset
     if args.config and not preset_name:
         preset_name = config_file_preset(args.config)
+    if base is not None and not preset_name:  # a stage's own defaults instead of the tiny preset
+        cfg = RunConfig.from_dict({}, base=base)
+        if args.config:
+            cfg = load_config(args.config, None, None)
+            cfg = RunConfig.from_dict({"train": cfg.to_dict()["train"]}, base=base)
+        return RunConfig.from_dict(overrides, base=cfg)
     return load_config(args.config, preset_name, overrides)
 
 
@@ -97,8 +105,16 @@ def cmd_generate(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok, ckpt = load_for_inference(args.ckpt, args.device)
-    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              repetition_penalty=args.repetition_penalty, seed=args.seed)
+    sampling = _sampling(args)
+    if args.chat:
+        from babyllama.infer.chat import chat_reply
+        from babyllama.tokenizer.chat import ChatTemplate, Message
+
+        msgs = ([Message("system", args.system)] if args.system else []) + [Message("user", args.prompt)]
+        chat_reply(model, tok, ChatTemplate(tok), msgs, args.max_new_tokens, sampling,
+                   on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        sys.stdout.write("\n")
+        return
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
@@ -107,6 +123,45 @@ def cmd_generate(args) -> None:
         generate_text(model, tok, args.prompt, args.max_new_tokens, sampling,
                       on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
         sys.stdout.write("\n")
+
+
+def cmd_sft(args) -> None:
+    from babyllama.config import RunConfig
+    from babyllama.finetune.sft import SFTJob, default_sft_train, sft
+
+    # the SFT defaults (default_sft_train) <- --preset/--config <- flags; the model comes from --ckpt
+    train = _run_config(args, base=RunConfig(train=default_sft_train())).train
+    summary = sft(SFTJob(ckpt=args.ckpt, data=args.data, out=args.out, train=train, layout=args.format,
+                         val_fraction=args.val_fraction, resume=args.resume, on_error=args.on_error))
+    val = summary["val"]
+    if val:
+        print(f"validation loss {val[0][1]:.3f} (step {val[0][0]}) -> {val[-1][1]:.3f} (step {val[-1][0]})")
+    print(f"stopped ({summary['stopped']}) at step {summary['step']}; checkpoint {summary['checkpoint']}")
+
+
+def cmd_chat(args) -> None:
+    from babyllama.infer import SamplingConfig, load_for_inference
+    from babyllama.infer.chat import repl
+
+    model, tok, _ = load_for_inference(args.ckpt, args.device)
+    repl(model, tok, _sampling(args), args.max_new_tokens, system=args.system)
+
+
+def _sampling(args):
+    from babyllama.infer import SamplingConfig
+
+    return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="0 disables (default 50)")
+    p.add_argument("--top-p", type=float, default=0.9, help="1 disables (default 0.9)")
+    p.add_argument("--repetition-penalty", type=float, default=1.1, help="1 disables (default 1.1)")
+    p.add_argument("--seed", type=int, help="make sampling reproducible")
+    p.add_argument("--device", default="auto")
 
 
 def cmd_demo(args) -> None:
@@ -160,16 +215,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="continue a prompt, streaming tokens")
     p.add_argument("--ckpt", required=True, help="run directory (newest checkpoint) or checkpoint directory")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=50, help="0 disables (default 50)")
-    p.add_argument("--top-p", type=float, default=0.9, help="1 disables (default 0.9)")
-    p.add_argument("--repetition-penalty", type=float, default=1.1, help="1 disables (default 1.1)")
+    p.add_argument("--chat", action="store_true", help="treat the prompt as a user turn and answer it (SFT models)")
+    p.add_argument("--system", help="system prompt (with --chat)")
     p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--seed", type=int, help="make sampling reproducible")
-    p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, help="CPU threads")
+    _add_sampling_flags(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on conversations (loss on assistant replies only)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Formats (--format, or per file as FILE::FORMAT): auto (default), alpaca, "
+                                   "sharegpt, openai, qa, csv.\nJSON lines and JSON arrays alike; malformed records "
+                                   "are skipped and reported with file and line.")
+    p.add_argument("--ckpt", required=True, help="pretrained run directory or checkpoint to start from")
+    p.add_argument("--data", nargs="+", required=True, metavar="FILE", help="SFT files (FILE or FILE::FORMAT)")
+    p.add_argument("--out", required=True, help="run directory for the fine-tuned model")
+    p.add_argument("--format", default="auto", help="record layout (see above)")
+    p.add_argument("--val-fraction", type=float, default=0.02, help="share of conversations held out (default 0.02)")
+    p.add_argument("--on-error", choices=["skip", "raise"], default="skip",
+                   help="malformed records: skip and count them (default) or stop at the first")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("chat", help="talk to a fine-tuned model (/reset, /system TEXT, /exit)")
+    p.add_argument("--ckpt", required=True, help="run directory (newest checkpoint) or checkpoint directory")
+    p.add_argument("--system", help="system prompt")
+    _add_sampling_flags(p)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("demo", help="tokenizer -> data -> pretraining -> samples on the built-in corpus")
     p.add_argument("--out", default="runs/demo")

@@ -65,3 +65,19 @@ def write_builtin_corpus(out_dir: str | Path, heldout: int = 2000, seed: int = 0
     return {"peoples_daily": f"{peoples_daily_file()}::peoples_daily",
             "reviews": str(out / "reviews_train.jsonl"),
             "heldout": str(out / "reviews_heldout.jsonl")}
+
+
+SENTIMENT_PROMPT = "判断这条评论的情感是正面还是负面：\n{text}"
+SENTIMENT_ANSWER = {"positive": "正面", "negative": "负面"}
+
+
+def write_sentiment_sft(reviews_jsonl: str | Path, out_file: str | Path) -> Path:
+    """Labelled reviews -> instruction pairs in the OpenAI messages layout."""
+    out_file = Path(out_file)
+    with open(reviews_jsonl, encoding="utf-8") as src, open(out_file, "w", encoding="utf-8") as dst:
+        for line in src:
+            rec = json.loads(line)
+            msgs = [{"role": "user", "content": SENTIMENT_PROMPT.format(text=rec["text"])},
+                    {"role": "assistant", "content": SENTIMENT_ANSWER[rec["label"]]}]
+            dst.write(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
+    return out_file

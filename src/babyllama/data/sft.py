@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from babyllama.data.readers import DataError, ReadStats, check_readable, container_of
-from babyllama.tokenizer.chat import Message
+from babyllama.tokenizer.chat import IGNORE, Message
 
 SFT_LAYOUTS = ("auto", "alpaca", "sharegpt", "openai", "qa", "csv")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -145,3 +146,105 @@ def read_conversations(path: str | Path, layout: str = "auto", stats: ReadStats 
             continue
         stats.documents += 1
         yield msgs
+
+
+# --- tokenized SFT samples ------------------------------------------------------------------------
+
+@dataclass
+class SFTSample:
+    ids: list[int]
+    labels: list[int]  # -100 where no loss is taken
+
+
+@dataclass
+class SFTStats:
+    conversations: int = 0
+    truncated_prompt: int = 0  # earlier turns or prompt text dropped to fit
+    truncated_reply: int = 0  # the reply itself was cut (only when it alone exceeds the window)
+
+
+def fit_to_window(ids: list[int], labels: list[int], max_len: int, stats: SFTStats,
+                  header: int = 4) -> tuple[list[int], list[int]]:
+    """Truncation policy, in order: (1) keep everything if it fits; (2) drop tokens from the *start*
+    (earliest turns, then the beginning of the prompt) until the last assistant reply and the
+    `header` tokens before it fit; (3) if that reply alone is longer than the window, keep its
+    beginning and cut the rest. An answer is never silently dropped: every cut is counted."""
+    if len(ids) <= max_len:
+        return ids, labels
+    last = len(labels) - 1
+    while labels[last] == IGNORE:
+        last -= 1
+    reply_start = last
+    while reply_start > 0 and labels[reply_start - 1] != IGNORE:
+        reply_start -= 1
+    cut = len(ids) - max_len
+    if cut <= reply_start - header:
+        stats.truncated_prompt += 1
+        ids, labels = ids[cut:], labels[cut:]
+        first_ignored = labels.index(IGNORE)
+        labels = [IGNORE] * first_ignored + labels[first_ignored:]  # no loss on a reply cut in half
+        return ids, labels
+    stats.truncated_reply += 1
+    start = max(0, reply_start - header)
+    return ids[start:start + max_len], labels[start:start + max_len]
+
+
+def tokenize_conversations(convs, template, max_len: int, stats: SFTStats | None = None) -> list[SFTSample]:
+    stats = stats if stats is not None else SFTStats()
+    out = []
+    for msgs in convs:
+        ids, labels = template.encode(msgs)
+        ids, labels = fit_to_window(ids, labels, max_len, stats, header=template.header_len)
+        stats.conversations += 1
+        out.append(SFTSample(ids, labels))
+    return out
+
+
+class SFTBatches:
+    """Shuffled, resumable micro-batches of conversations, padded to the longest in the batch.
+    Inputs are ids[:-1], targets labels[1:]; padding is never trained on. Rank-aware like
+    PretrainBatches (rank r takes every world_size-th sample of each global batch)."""
+
+    def __init__(self, samples: list[SFTSample], batch_size: int, pad_id: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if len(samples) < batch_size * world_size:
+            raise DataError(f"{len(samples)} conversations are fewer than one batch ({batch_size * world_size})")
+        self.samples, self.batch_size, self.pad_id = samples, batch_size, pad_id
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch, self.cursor = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int):
+        import torch
+
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.samples), generator=g).tolist()
+
+    def next_batch(self):
+        global_batch = self.batch_size * self.world_size
+        if self.cursor + global_batch > len(self._order):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        chosen = self._order[self.cursor:self.cursor + global_batch][self.rank::self.world_size]
+        self.cursor += global_batch
+        return collate([self.samples[i] for i in chosen], self.pad_id)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._order = self._permutation(self.epoch)
+
+
+def collate(samples: list[SFTSample], pad_id: int):
+    import torch
+
+    width = max(len(s.ids) for s in samples) - 1
+    x = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    y = torch.full((len(samples), width), IGNORE, dtype=torch.long)
+    for row, s in enumerate(samples):
+        n = len(s.ids) - 1
+        x[row, :n] = torch.tensor(s.ids[:-1])
+        y[row, :n] = torch.tensor(s.labels[1:])
+    return x, y

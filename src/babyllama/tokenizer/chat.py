@@ -45,6 +45,7 @@ class ChatTemplate:
                                  f"train one with `babyllama tokenizer train`, which reserves them")
         self._role_ids = {role: tokenizer.encode(role + "\n") for role in ROLES}
         self._newline = tokenizer.encode("\n")
+        self.header_len = 1 + len(self._role_ids["assistant"])  # <|im_start|>assistant\n
 
     def encode(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
         """Token ids and labels (-100 outside assistant replies) of a whole conversation."""

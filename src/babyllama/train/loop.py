@@ -221,8 +221,9 @@ class Trainer:
                 if self.step == 0 and self.val_batches:
                     self._log_eval(log, history, bar)
                 while self.step < cfg.max_steps:
+                    before = self.tokens_seen
                     loss, norm = self.train_step()
-                    window_tokens += cfg.batch_size * cfg.grad_accum * self.model_config.max_seq_len
+                    window_tokens += self.tokens_seen - before
                     bar.update(1)
                     if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
                         elapsed = time.perf_counter() - window_t

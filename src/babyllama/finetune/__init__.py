@@ -1,0 +1,1 @@
+"""Fine-tuning stages built on the one training loop: full SFT now (LoRA later)."""

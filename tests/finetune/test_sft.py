@@ -1,0 +1,86 @@
+import json
+
+import pytest
+import torch
+
+from babyllama.data.readers import DataError
+from babyllama.data.sft import SFTStats, fit_to_window
+from babyllama.finetune.sft import SFTJob, default_sft_train, sft
+from babyllama.infer.chat import chat_reply, fit_history, repl
+from babyllama.infer.sampling import SamplingConfig
+from babyllama.tokenizer.chat import IGNORE, ChatTemplate, Message
+from babyllama.train.checkpoint import save_checkpoint
+from tests.conftest import tiny_model_config
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, tokenizer):
+    """A (random-weight) 'pretrained' run directory: checkpoint + tokenizer."""
+    from babyllama.model import Llama
+
+    root = tmp_path_factory.mktemp("base")
+    cfg = tiny_model_config(vocab_size=tokenizer.vocab_size, max_seq_len=64)
+    torch.manual_seed(0)
+    save_checkpoint(root, 0, Llama(cfg), cfg)
+    tokenizer.save(root / "tokenizer")
+    return root
+
+
+def test_truncation_keeps_the_last_reply_whole():
+    ids = list(range(20))
+    labels = [IGNORE] * 5 + list(range(5, 9)) + [IGNORE] * 7 + list(range(16, 20))
+    stats = SFTStats()
+    new_ids, new_labels = fit_to_window(ids, labels, 10, stats, header=2)
+    assert new_ids == list(range(10, 20)) and new_labels[-4:] == [16, 17, 18, 19]
+    assert all(l == IGNORE for l in new_labels[:-4]) and stats.truncated_prompt == 1
+    # a reply longer than the window is cut at its end, and counted
+    labels = [IGNORE] * 4 + list(range(4, 20))
+    new_ids, new_labels = fit_to_window(ids, labels, 10, stats, header=2)
+    assert new_ids == list(range(2, 12)) and stats.truncated_reply == 1
+
+
+def test_sft_loss_falls_and_masks_prompts(base_run, tmp_path, tokenizer):
+    data = tmp_path / "qa.jsonl"
+    rows = [{"question": f"第{i}个问题是什么？", "response": "答案是好。"} for i in range(200)]
+    data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    train = default_sft_train()
+    train.max_steps, train.batch_size, train.lr, train.eval_interval, train.device = 30, 8, 3e-3, 30, "cpu"
+    summary = sft(SFTJob(ckpt=str(base_run), data=[str(data)], out=str(tmp_path / "sft"), train=train,
+                         val_fraction=0.1, progress=False))
+    (_, v0), (_, v1) = summary["val"][0], summary["val"][-1]
+    assert v1 < v0 / 3  # the constant answer is learnt
+    assert summary["data"]["train"] + summary["data"]["val"] == 200
+    from babyllama.infer.generate import load_for_inference
+
+    model, tok, _ = load_for_inference(tmp_path / "sft", "cpu")
+    reply = chat_reply(model, tok, ChatTemplate(tok), [Message("user", "第1000个问题是什么？")], 20,
+                       SamplingConfig(temperature=0))
+    assert reply == "答案是好。"
+
+
+def test_empty_sft_data_is_an_error(base_run, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"question": "q", "response": ""}\n{oops\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"no usable conversations .*bad.jsonl: line 1"):
+        sft(SFTJob(ckpt=str(base_run), data=[str(data)], out=str(tmp_path / "o"), progress=False))
+
+
+def test_history_is_trimmed_from_the_oldest_turn(tokenizer):
+    tpl = ChatTemplate(tokenizer)
+    msgs = [Message("system", "系统")] + [Message(r, f"第{i}轮内容" * 3) for i in range(6)
+                                        for r in ("user", "assistant")] + [Message("user", "最新的问题")]
+    kept = fit_history(tpl, msgs, 60)
+    assert kept[0].role == "system" and kept[-1].content == "最新的问题"
+    assert len(tpl.prompt_ids(kept)) <= 60 and len(kept) < len(msgs)
+
+
+def test_repl_commands(base_run):
+    from babyllama.infer.generate import load_for_inference
+
+    model, tok, _ = load_for_inference(base_run, "cpu")
+    lines = iter(["/system 你是医生", "你好", "/reset", "/bogus", "/exit"])
+    out = []
+    repl(model, tok, SamplingConfig(temperature=0), 5, read=lambda prompt: next(lines), write=out.append)
+    text = "".join(out)
+    assert "(system prompt set)" in text and "(conversation cleared)" in text and "unknown command" in text
+    assert "助手> " in text
