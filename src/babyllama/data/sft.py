@@ -215,10 +215,20 @@ class SFTBatches:
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int):
+        """A shuffled order in which neighbours have similar lengths: windows of 64 batches are
+        sorted by length and their batches shuffled again, so little compute goes to padding."""
         import torch
 
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.samples), generator=g).tolist()
+        order = torch.randperm(len(self.samples), generator=g).tolist()
+        global_batch = self.batch_size * self.world_size
+        window = 64 * global_batch
+        batches = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start:start + window], key=lambda i: len(self.samples[i].ids))
+            batches += [chunk[i:i + global_batch] for i in range(0, len(chunk), global_batch)]
+        shuffled = torch.randperm(len(batches), generator=g).tolist()
+        return [i for b in shuffled for i in batches[b]]
 
     def next_batch(self):
         global_batch = self.batch_size * self.world_size
