@@ -60,14 +60,16 @@ def calibrate_steps(cfg, minutes: float) -> int:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()
-    t, n = time.perf_counter(), 0
-    while n < 3 or time.perf_counter() - t < 4:
+    for _ in range(5):  # the first steps pay for allocations and page faults: not representative
         step()
-        n += 1
-    per_step = (time.perf_counter() - t) / n
-    # measured: a real run is ~20% slower than these bare steps (evaluation, data, logging)
-    per_step *= 1.2
+    times = []
+    while len(times) < 5 or sum(times) < 6:
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    per_step = sorted(times)[len(times) // 2]  # the median: a busy neighbour moves it little
+    # measured: a real run is ~10% slower than these bare steps (evaluation, data, logging)
+    per_step *= 1.1
     return max(20, int(minutes * 60 / per_step))
 
 
