@@ -42,3 +42,13 @@ def test_bad_config_is_a_clear_error(tmp_path):
     bad.write_text("[train\n")
     with pytest.raises(ConfigError, match="bad.toml: not valid TOML"):
         load_config(bad)
+
+
+def test_a_stage_base_replaces_the_tiny_preset(tmp_path):
+    from babyllama.config import TrainConfig
+
+    base = RunConfig(train=TrainConfig(lr=5e-4, max_steps=500, batch_size=16))
+    f = tmp_path / "sft.toml"
+    f.write_text("[train]\nmax_steps = 50\n")
+    cfg = load_config(f, None, parse_overrides(["train.batch_size=4"]), base=base)
+    assert (cfg.train.lr, cfg.train.max_steps, cfg.train.batch_size) == (5e-4, 50, 4)

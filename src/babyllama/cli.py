@@ -36,7 +36,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _run_config(args, base=None):
-    from babyllama.config import RunConfig, config_file_preset, load_config, parse_overrides
+    from babyllama.config import config_file_preset, load_config, parse_overrides
 
     overrides = parse_overrides(args.set)
     train = overrides.setdefault("train", {})
@@ -51,13 +51,7 @@ def _run_config(args, base=None):
     preset_name = args.preset
     if args.config and not preset_name:
         preset_name = config_file_preset(args.config)
-    if base is not None and not preset_name:  # a stage's own defaults instead of the tiny preset
-        cfg = RunConfig.from_dict({}, base=base)
-        if args.config:
-            cfg = load_config(args.config, None, None)
-            cfg = RunConfig.from_dict({"train": cfg.to_dict()["train"]}, base=base)
-        return RunConfig.from_dict(overrides, base=cfg)
-    return load_config(args.config, preset_name, overrides)
+    return load_config(args.config, preset_name, overrides, base=base)
 
 
 def cmd_tokenizer_train(args) -> None:

@@ -225,9 +225,9 @@ def preset(name: str) -> RunConfig:
 
 
 def load_config(path: str | Path | None = None, preset_name: str | None = None,
-                overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Preset (default 'tiny') <- TOML file <- command-line overrides."""
-    cfg = preset(preset_name or "tiny")
+                overrides: dict[str, Any] | None = None, base: RunConfig | None = None) -> RunConfig:
+    """Preset (default 'tiny'; or `base`, a stage's own defaults) <- TOML file <- command-line overrides."""
+    cfg = RunConfig.from_dict({}, base=base) if base is not None and not preset_name else preset(preset_name or "tiny")
     if path is not None:
         path = Path(path)
         if not path.is_file():
