@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from babyllama.infer.generate import TextStreamer, generate_tokens
+from babyllama.infer.generate import stream_text
 from babyllama.infer.sampling import SamplingConfig
 from babyllama.tokenizer.chat import ChatTemplate, Message
 
@@ -30,23 +30,7 @@ def chat_reply(model, tokenizer, template: ChatTemplate, messages: list[Message]
     max_new_tokens = min(max_new_tokens, limit // 2)
     messages = fit_history(template, messages, limit - max_new_tokens)
     prompt = template.prompt_ids(messages)[-(limit - max_new_tokens):]
-    streamer = TextStreamer(tokenizer)
-    pieces = []
-    for next_ids in generate_tokens(model, torch.tensor([prompt]), max_new_tokens, sampling, eos_id=template.end_id):
-        tid = int(next_ids[0])
-        if tid in (template.end_id, tokenizer.eos_id):
-            break
-        piece = streamer.push(tid)
-        if piece:
-            pieces.append(piece)
-            if on_text:
-                on_text(piece)
-    tail = streamer.flush()
-    if tail:
-        pieces.append(tail)
-        if on_text:
-            on_text(tail)
-    return "".join(pieces)
+    return stream_text(model, tokenizer, prompt, max_new_tokens, sampling, (template.end_id, tokenizer.eos_id), on_text)
 
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (set a system prompt), /exit"

@@ -72,29 +72,32 @@ class TextStreamer:
         return new
 
 
+def stream_text(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None,
+                stop_ids: tuple[int, ...] = (), on_text: Callable[[str], None] | None = None) -> str:
+    """Generate after `prompt_ids` until a stop id (not included); stream whole characters to on_text."""
+    streamer = TextStreamer(tokenizer)
+    pieces = []
+    eos = stop_ids[0] if stop_ids else None
+    for next_ids in generate_tokens(model, torch.tensor([prompt_ids]), max_new_tokens, sampling, eos_id=eos):
+        tid = int(next_ids[0])
+        if tid in stop_ids:
+            break
+        pieces.append(streamer.push(tid))
+        if on_text and pieces[-1]:
+            on_text(pieces[-1])
+    pieces.append(streamer.flush())
+    if on_text and pieces[-1]:
+        on_text(pieces[-1])
+    return "".join(pieces)
+
+
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 200, sampling: SamplingConfig | None = None,
                   on_text: Callable[[str], None] | None = None, stop_at_eos: bool = True) -> str:
     """Continue `prompt`. The prompt is preceded by EOS, the document boundary the model saw in
     pretraining, so it reads as the start of a new document."""
     ids = [tokenizer.eos_id] + tokenizer.encode(prompt)
-    streamer = TextStreamer(tokenizer)
-    pieces = []
-    for next_ids in generate_tokens(model, torch.tensor([ids]), max_new_tokens, sampling,
-                                    eos_id=tokenizer.eos_id if stop_at_eos else None):
-        tid = int(next_ids[0])
-        if stop_at_eos and tid == tokenizer.eos_id:
-            break
-        piece = streamer.push(tid)
-        if piece:
-            pieces.append(piece)
-            if on_text:
-                on_text(piece)
-    tail = streamer.flush()
-    if tail:
-        pieces.append(tail)
-        if on_text:
-            on_text(tail)
-    return "".join(pieces)
+    return stream_text(model, tokenizer, ids, max_new_tokens, sampling,
+                       (tokenizer.eos_id,) if stop_at_eos else (), on_text)
 
 
 def load_for_inference(path: str | Path, device: str = "auto"):
