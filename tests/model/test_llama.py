@@ -128,3 +128,30 @@ def test_fused_loss_skips_gradient_work_without_grad(monkeypatch):
     calls.clear()
     linear_cross_entropy(h, w, t, chunk_rows=8)
     assert len(calls) == 2  # logits and the hidden-state gradient (the weight gradient uses addmm_)
+
+
+def test_fused_loss_only_multiplies_rows_that_count(monkeypatch):
+    """SFT: with loss on 3 of 40 positions the LM head sees 3 rows, and the gradients still match."""
+    rows = []
+    real_mm = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: rows.append(a.shape[0]) or real_mm(a, b))
+    torch.manual_seed(2)
+    h = torch.randn(40, 8, requires_grad=True)
+    w = torch.randn(50, 8, requires_grad=True)
+    t = torch.full((40,), IGNORE_INDEX)
+    t[[5, 17, 39]] = torch.tensor([1, 2, 3])
+    linear_cross_entropy(h, w, t).backward()
+    assert rows[0] == 3
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    F.cross_entropy(real_mm(h, w.t()), t, ignore_index=IGNORE_INDEX, reduction="sum").backward()
+    torch.testing.assert_close(gh, h.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw, w.grad, rtol=1e-4, atol=1e-5)
+    assert gh[[0, 6, 38]].abs().sum() == 0  # no gradient reaches ignored positions
+
+
+def test_fused_loss_with_nothing_to_count_is_zero():
+    h = torch.randn(6, 4, requires_grad=True)
+    loss = linear_cross_entropy(h, torch.randn(10, 4), torch.full((6,), IGNORE_INDEX))
+    loss.backward()
+    assert loss.item() == 0 and h.grad.abs().sum() == 0

@@ -68,6 +68,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     Returns a float32 scalar: the *sum*, so callers can normalise by the token count of a whole
     (accumulated) batch.
     """
+    if not torch.compiler.is_compiling():
+        # SFT takes loss on a few answer tokens per sequence: the LM head (the largest matmul for
+        # a big vocabulary) only needs those rows. index_select keeps the graph: its backward
+        # scatters the gradient back to the selected positions.
+        kept = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        if kept.numel() < targets.numel():
+            hidden, targets = hidden.index_select(0, kept), targets.index_select(0, kept)
     if chunk_rows is None:  # ~64 MB of float32 logits per chunk, whatever the vocabulary
         chunk_rows = max(128, (1 << 24) // weight.shape[0])
     # inside an autograd.Function grad mode is always off, so decide here: evaluation under
