@@ -2,9 +2,10 @@
 
     babyllama tokenizer train --input FILE... --vocab-size N --out DIR
     babyllama data pretrain   --input FILE... --tokenizer DIR --out DIR [--workers N]
+    babyllama data sft        --input FILE... --tokenizer DIR --out DIR [--format F] [--max-len N]
     babyllama pretrain        --preset NAME | --config FILE  --data DIR --out DIR [--max-steps N] [--resume]
     babyllama generate        --ckpt DIR --prompt TEXT [--chat]
-    babyllama sft             --ckpt DIR --data FILE... --out DIR
+    babyllama sft             --ckpt DIR --data FILE|DIR... --out DIR [--pack]
     babyllama chat            --ckpt DIR
     babyllama demo            the whole pipeline on the built-in corpus (what `make demo` runs)
 
@@ -74,6 +75,16 @@ def cmd_data_pretrain(args) -> None:
           f"{va['tokens']:,} validation tokens, {m['dtype']}, in {m['seconds']:.1f}s -> {args.out}")
 
 
+def cmd_data_sft(args) -> None:
+    from babyllama.data.sft import PrepareSFTConfig, prepare_sft
+
+    m = prepare_sft(PrepareSFTConfig(inputs=args.input, tokenizer=args.tokenizer, out=args.out, layout=args.format,
+                                     max_len=args.max_len, val_fraction=args.val_fraction, on_error=args.on_error))
+    print(f"{m['conversations']:,} conversations -> {m['train']:,} train ({m['train_tokens']:,} tokens), "
+          f"{m['val']:,} validation; {m['skipped']} skipped, {m['truncated_prompt']} prompts and "
+          f"{m['truncated_reply']} replies truncated to {m['max_len']} tokens -> {args.out}")
+
+
 def cmd_pretrain(args) -> None:
     from pathlib import Path
 
@@ -126,7 +137,8 @@ def cmd_sft(args) -> None:
     # the SFT defaults (default_sft_train) <- --preset/--config <- flags; the model comes from --ckpt
     train = _run_config(args, base=RunConfig(train=default_sft_train())).train
     summary = sft(SFTJob(ckpt=args.ckpt, data=args.data, out=args.out, train=train, layout=args.format,
-                         val_fraction=args.val_fraction, resume=args.resume, on_error=args.on_error))
+                         val_fraction=args.val_fraction, resume=args.resume, on_error=args.on_error,
+                         pack=args.pack))
     val = summary["val"]
     if val:
         print(f"validation loss {val[0][1]:.3f} (step {val[0][0]}) -> {val[-1][1]:.3f} (step {val[-1][0]})")
@@ -166,6 +178,11 @@ def cmd_demo(args) -> None:
                         workers=args.workers))
 
 
+SFT_FORMATS_HELP = ("Formats (--format, or per file as FILE::FORMAT): auto (default), alpaca, sharegpt, openai, "
+                    "qa, csv.\nJSON lines and JSON arrays alike; malformed records are skipped and reported with "
+                    "file and line.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="babyllama", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -198,6 +215,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", nargs="*", metavar="FILE", help="files of texts (one per line) to keep out of the shards")
     p.set_defaults(func=cmd_data_pretrain)
 
+    p = data.add_parser("sft", help="tokenize conversations once for `babyllama sft`",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description=SFT_FORMATS_HELP + "\nTruncation: conversations longer than --max-len lose their "
+                                    "earliest turns first;\na reply is cut only when it alone is too long, and every "
+                                    "cut is counted in the manifest.")
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="SFT files (FILE or FILE::FORMAT)")
+    p.add_argument("--tokenizer", required=True, help="the tokenizer of the model you will fine-tune")
+    p.add_argument("--out", required=True, help="output directory (replaced atomically when done)")
+    p.add_argument("--format", default="auto", help="record layout (see above)")
+    p.add_argument("--max-len", type=int, default=1025,
+                   help="tokens per conversation: the model's max_seq_len + 1 (default 1025)")
+    p.add_argument("--val-fraction", type=float, default=0.02, help="share of conversations held out (default 0.02)")
+    p.add_argument("--on-error", choices=["skip", "raise"], default="skip",
+                   help="malformed records: skip and count them (default) or stop at the first")
+    p.set_defaults(func=cmd_data_sft)
+
     p = sub.add_parser("pretrain", help="pretrain a model on prepared shards")
     p.add_argument("--data", required=True, help="directory written by `babyllama data pretrain`")
     p.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, loss.png")
@@ -219,16 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sft", help="supervised fine-tuning on conversations (loss on assistant replies only)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Formats (--format, or per file as FILE::FORMAT): auto (default), alpaca, "
-                                   "sharegpt, openai, qa, csv.\nJSON lines and JSON arrays alike; malformed records "
-                                   "are skipped and reported with file and line.")
+                       description=SFT_FORMATS_HELP)
     p.add_argument("--ckpt", required=True, help="pretrained run directory or checkpoint to start from")
-    p.add_argument("--data", nargs="+", required=True, metavar="FILE", help="SFT files (FILE or FILE::FORMAT)")
+    p.add_argument("--data", nargs="+", required=True, metavar="FILE",
+                   help="SFT files (FILE or FILE::FORMAT) or directories written by `babyllama data sft`")
     p.add_argument("--out", required=True, help="run directory for the fine-tuned model")
     p.add_argument("--format", default="auto", help="record layout (see above)")
     p.add_argument("--val-fraction", type=float, default=0.02, help="share of conversations held out (default 0.02)")
     p.add_argument("--on-error", choices=["skip", "raise"], default="skip",
                    help="malformed records: skip and count them (default) or stop at the first")
+    p.add_argument("--pack", action="store_true",
+                   help="pack several short conversations into each row of max_seq_len tokens (they never "
+                        "attend to each other); --batch-size then counts rows")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     _add_config_flags(p)
     p.set_defaults(func=cmd_sft)

@@ -52,3 +52,79 @@ def test_malformed_records_are_counted_with_file_and_line(tmp_path):
     assert "line 3: assistant reply is empty" in stats.skipped_where[1]
     with pytest.raises(DataError, match="bad.jsonl: line 2"):
         list(read_conversations(f, on_error="raise"))
+
+
+# --- packing ------------------------------------------------------------------------------------
+
+def _samples(lengths):
+    from babyllama.data.sft import SFTSample
+    from babyllama.tokenizer.chat import IGNORE
+
+    # sample k: ids all equal to k + 1 (so a row's content names its samples), loss on the last 2 tokens
+    return [SFTSample([k + 1] * n, [IGNORE] * (n - 2) + [k + 1] * 2) for k, n in enumerate(lengths)]
+
+
+def test_pack_rows_uses_each_sample_once_within_capacity():
+    import random
+
+    from babyllama.data.sft import pack_rows
+
+    rng = random.Random(0)
+    lengths = [rng.randint(3, 60) for _ in range(500)]
+    order = list(range(500))
+    rng.shuffle(order)
+    rows = pack_rows(lengths, order, capacity=64, window=128)
+    assert sorted(i for row in rows for i in row) == list(range(500))
+    assert all(sum(lengths[i] for i in row) <= 64 for row in rows)
+    assert sum(lengths) / (64 * len(rows)) > 0.85  # rows are well filled
+
+
+def test_packed_batches_keep_samples_apart_and_resume_exactly():
+    import torch
+
+    from babyllama.data.sft import PackedSFTBatches
+    from babyllama.tokenizer.chat import IGNORE
+
+    lengths = [5 + (k * 7) % 30 for k in range(200)]
+    samples = _samples(lengths)
+    batches = PackedSFTBatches(samples, 4, pad_id=0, capacity=40, seed=3)
+    seen = []
+    for _ in range(len(batches._order) // 4):
+        x, y, seg = batches.next_batch()
+        for r in range(x.shape[0]):
+            for s in seg[r].unique().tolist():
+                where = seg[r] == s
+                ids = x[r][where]
+                if s == -1:  # padding: never a target
+                    assert (y[r][where] == IGNORE).all()
+                    continue
+                k = int(ids[0]) - 1
+                assert (ids == k + 1).all() and len(ids) == lengths[k] - 1  # a whole sample, input shifted
+                assert y[r][where].tolist() == samples[k].labels[1:]
+                seen.append(k)
+    assert batches.epoch == 0 and len(seen) == len(set(seen)) and len(seen) > 190
+    state = batches.state_dict()
+    after = batches.next_batch()
+    again = PackedSFTBatches(samples, 4, pad_id=0, capacity=40, seed=3)
+    again.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(after, again.next_batch()))
+
+
+# --- prepared datasets (`babyllama data sft`) -----------------------------------------------------
+
+def test_prepared_sft_round_trips_and_checks_the_tokenizer(tmp_path, tokenizer_dir, tokenizer):
+    from babyllama.data.sft import PrepareSFTConfig, build_sft_samples, load_prepared_sft, prepare_sft
+    from babyllama.tokenizer.chat import ChatTemplate
+
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("\n".join(json.dumps({"question": f"问题{i}", "response": f"回答{i}"}, ensure_ascii=False)
+                             for i in range(300)) + "\n{broken\n", encoding="utf-8")
+    m = prepare_sft(PrepareSFTConfig(inputs=[str(src)], tokenizer=str(tokenizer_dir), out=str(tmp_path / "ds"),
+                                     max_len=65, val_fraction=0.1))
+    assert m["conversations"] == 300 and m["skipped"] == 1 and m["train"] + m["val"] == 300
+    train, val, manifest = load_prepared_sft(tmp_path / "ds", tokenizer.fingerprint)
+    ref_train, ref_val, _ = build_sft_samples([str(src)], ChatTemplate(tokenizer), 65, val_fraction=0.1,
+                                              verbose=False)
+    assert train == ref_train and val == ref_val
+    with pytest.raises(DataError, match="another tokenizer"):
+        load_prepared_sft(tmp_path / "ds", "not-this-one")

@@ -103,3 +103,29 @@ def test_sft_batches_cover_every_sample_once_and_group_lengths():
     b2 = SFTBatches(samples, 4, pad_id=0, seed=1)
     b2.load_state_dict(state)
     assert torch.equal(b2.next_batch()[0], after)
+
+
+def test_cli_prepared_data_and_packed_sft(base_run, tmp_path):
+    """`babyllama data sft` then `babyllama sft --data DIR --pack`: the answer is learnt, and the
+    packed rows held several conversations each."""
+    from babyllama.cli import main
+
+    data = tmp_path / "qa.json"  # a JSON array this time
+    data.write_text(json.dumps([{"question": f"第{i}个问题？", "response": "好的。"} for i in range(300)],
+                               ensure_ascii=False), encoding="utf-8")
+    assert main(["data", "sft", "--input", str(data), "--tokenizer", str(base_run / "tokenizer"),
+                 "--out", str(tmp_path / "ds"), "--max-len", "200"]) == 0  # longer than the model's 64: re-cut
+    assert main(["sft", "--ckpt", str(base_run), "--data", str(tmp_path / "ds"), "--out", str(tmp_path / "run"),
+                 "--pack", "--batch-size", "2", "--max-steps", "60", "--lr", "3e-3", "--device", "cpu",
+                 "--set", "train.eval_interval=60", "--set", "train.warmup_steps=5"]) == 0
+    metrics = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").open()]
+    val = [r["val_loss"] for r in metrics if "val_loss" in r]
+    assert val[-1] < val[0] / 3
+    # 2 rows of 64 tokens per step, each conversation ~15 tokens: far more than 2 conversations a step
+    steps = [r for r in metrics if "loss" in r]
+    assert steps[-1]["tokens"] / steps[-1]["step"] > 100
+    from babyllama.infer.generate import load_for_inference
+
+    model, tok, _ = load_for_inference(tmp_path / "run", "cpu")
+    assert chat_reply(model, tok, ChatTemplate(tok), [Message("user", "第999个问题？")], 10,
+                      SamplingConfig(temperature=0)) == "好的。"

@@ -155,3 +155,22 @@ def test_fused_loss_with_nothing_to_count_is_zero():
     loss = linear_cross_entropy(h, torch.randn(10, 4), torch.full((6,), IGNORE_INDEX))
     loss.backward()
     assert loss.item() == 0 and h.grad.abs().sum() == 0
+
+
+def test_packed_segments_compute_each_document_as_if_alone():
+    """Two documents packed in one row (and a padded tail) give the same logits and loss as each
+    document on its own: no attention across the boundary, positions restarting at 0."""
+    torch.manual_seed(3)
+    model = Llama(tiny_model_config())
+    a, b = torch.randint(0, 1024, (1, 7)), torch.randint(0, 1024, (1, 5))
+    row = torch.cat([a, b, torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    segments = torch.tensor([[0] * 7 + [1] * 5 + [-1] * 4])
+    packed = model(row, segments=segments)
+    torch.testing.assert_close(packed[:, :7], model(a), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(packed[:, 7:12], model(b), rtol=1e-4, atol=1e-5)
+    ya, yb = torch.randint(0, 1024, (1, 7)), torch.randint(0, 1024, (1, 5))
+    targets = torch.cat([ya, yb, torch.full((1, 4), IGNORE_INDEX)], dim=1)
+    torch.testing.assert_close(model(row, targets, segments=segments), model(a, ya) + model(b, yb),
+                               rtol=1e-4, atol=1e-4)
+    # without segments the second document would see the first: the logits differ
+    assert not torch.allclose(model(row)[:, 7:12], model(b), atol=1e-3)

@@ -258,3 +258,183 @@ def collate(samples: list[SFTSample], pad_id: int):
         x[row, :n] = torch.tensor(s.ids[:-1])
         y[row, :n] = torch.tensor(s.labels[1:])
     return x, y
+
+
+# --- packing: several short conversations in one row, never attending to each other -------------
+
+def pack_rows(lengths: list[int], order: list[int], capacity: int, window: int = 4096) -> list[list[int]]:
+    """Group sample indices (taken in `order`) into rows of at most `capacity` tokens: first-fit
+    decreasing inside windows of `window` samples, so rows are well filled and the shuffle holds."""
+    rows: list[list[int]] = []
+    for start in range(0, len(order), window):
+        bins: list[tuple[int, list[int]]] = []  # (room left, members)
+        for i in sorted(order[start:start + window], key=lambda i: -lengths[i]):
+            for b, (room, members) in enumerate(bins):
+                if lengths[i] <= room:
+                    members.append(i)
+                    bins[b] = (room - lengths[i], members)
+                    break
+            else:
+                bins.append((capacity - lengths[i], [i]))
+        rows += [members for _, members in bins]
+    return rows
+
+
+class PackedSFTBatches(SFTBatches):
+    """Like SFTBatches, but each of the `batch_size` rows holds as many conversations as fit in
+    `capacity` tokens, with segment ids so that the model keeps them apart (see Llama.forward)."""
+
+    def __init__(self, samples: list[SFTSample], batch_size: int, pad_id: int, capacity: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        self.capacity = capacity
+        self._lengths = [len(s.ids) - 1 for s in samples]
+        super().__init__(samples, batch_size, pad_id, seed, rank, world_size)
+        if len(self._order) < batch_size * world_size:
+            raise DataError(f"{len(samples)} conversations pack into {len(self._order)} rows of {capacity} tokens, "
+                            f"fewer than one batch ({batch_size * world_size}); lower the batch size")
+
+    def _permutation(self, epoch: int):
+        import torch
+
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.samples), generator=g).tolist()
+        rows = pack_rows(self._lengths, order, self.capacity)
+        return [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
+
+    def next_batch(self):
+        global_batch = self.batch_size * self.world_size
+        if self.cursor + global_batch > len(self._order):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        rows = self._order[self.cursor:self.cursor + global_batch][self.rank::self.world_size]
+        self.cursor += global_batch
+        return collate_packed([[self.samples[i] for i in row] for row in rows], self.pad_id)
+
+
+def collate_packed(rows: list[list[SFTSample]], pad_id: int):
+    """(tokens, targets, segments); segment -1 marks padding."""
+    import torch
+
+    width = max(sum(len(s.ids) - 1 for s in row) for row in rows)
+    x = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    seg = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        pos = 0
+        for k, s in enumerate(row):
+            n = len(s.ids) - 1
+            x[r, pos:pos + n] = torch.tensor(s.ids[:-1])
+            y[r, pos:pos + n] = torch.tensor(s.labels[1:])
+            seg[r, pos:pos + n] = k
+            pos += n
+    return x, y, seg
+
+
+# --- reading, splitting and tokenizing files; prepared datasets on disk ---------------------------
+
+def is_validation_conversation(msgs: list[Message], fraction: float) -> bool:
+    """A stable hash of the text decides, so the split survives reordering and re-runs."""
+    import zlib
+
+    key = "\x00".join(m.content for m in msgs).encode("utf-8")
+    return (zlib.crc32(key) % 1_000_000) < fraction * 1_000_000
+
+
+def build_sft_samples(files: list[str], template, max_len: int, layout: str = "auto",
+                      val_fraction: float = 0.02, on_error: str = "skip", verbose: bool = True):
+    """Read, split and tokenize SFT files: (train samples, val samples, report).
+    An empty result is an error, never an empty model."""
+    from babyllama.data.readers import split_input_spec
+
+    read, cut = ReadStats(), SFTStats()
+    train_convs, val_convs = [], []
+    for spec in files:
+        path, fmt = split_input_spec(spec, layout)
+        for msgs in read_conversations(path, fmt, read, on_error):
+            (val_convs if is_validation_conversation(msgs, val_fraction) else train_convs).append(msgs)
+    train = tokenize_conversations(train_convs, template, max_len, cut)
+    val = tokenize_conversations(val_convs, template, max_len, cut)
+    report = {"conversations": read.documents, "skipped": read.skipped, "skipped_where": read.skipped_where,
+              "train": len(train), "val": len(val), "truncated_prompt": cut.truncated_prompt,
+              "truncated_reply": cut.truncated_reply, "max_len": max_len}
+    if verbose and read.skipped:
+        print(f"skipped {read.skipped} malformed records; first: {'; '.join(read.skipped_where[:3])}")
+    if not train:
+        raise DataError(f"no usable conversations in {', '.join(files)}"
+                        + (f" ({read.skipped} malformed; first: {read.skipped_where[0]})" if read.skipped else ""))
+    return train, val, report
+
+
+SFT_FORMAT = "babyllama-sft-v1"
+SFT_MANIFEST = "manifest.json"
+
+
+@dataclass
+class PrepareSFTConfig:
+    inputs: list[str]  # FILE or FILE::FORMAT
+    tokenizer: str
+    out: str
+    layout: str = "auto"
+    max_len: int = 1024  # tokens per conversation incl. the shifted target; match the model's max_seq_len + 1
+    val_fraction: float = 0.02
+    on_error: str = "skip"
+
+
+def prepare_sft(cfg: PrepareSFTConfig) -> dict:
+    """Tokenize SFT files once into `cfg.out` (ids, labels and offsets per split, in safetensors),
+    so repeated fine-tuning runs skip reading and tokenizing. Returns the manifest."""
+    import os
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from babyllama.tokenizer import load_tokenizer
+    from babyllama.tokenizer.chat import ChatTemplate
+
+    tok = load_tokenizer(cfg.tokenizer)
+    train, val, report = build_sft_samples(cfg.inputs, ChatTemplate(tok), cfg.max_len, cfg.layout,
+                                           cfg.val_fraction, cfg.on_error)
+    out = Path(cfg.out)
+    work = out.with_name(out.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    tok.save(work / "tokenizer")
+    for name, samples in (("train", train), ("val", val)):
+        offsets = np.zeros(len(samples) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(s.ids) for s in samples])
+        ids = np.fromiter((t for s in samples for t in s.ids), dtype=np.int32, count=int(offsets[-1]))
+        labels = np.fromiter((t for s in samples for t in s.labels), dtype=np.int32, count=int(offsets[-1]))
+        save_file({"ids": ids, "labels": labels, "offsets": offsets}, str(work / f"{name}.safetensors"))
+    manifest = {"format": SFT_FORMAT, "tokenizer": {"fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size},
+                "sources": list(cfg.inputs), **report,
+                "train_tokens": sum(len(s.ids) for s in train), "val_tokens": sum(len(s.ids) for s in val)}
+    (work / SFT_MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(work, out)  # complete or absent, never half written
+    return manifest
+
+
+def is_prepared_sft(path: str | Path) -> bool:
+    return (Path(path) / SFT_MANIFEST).is_file()
+
+
+def load_prepared_sft(directory: str | Path, fingerprint: str | None = None):
+    """(train samples, val samples, manifest) from a `prepare_sft` directory."""
+    from safetensors.numpy import load_file
+
+    directory = Path(directory)
+    manifest = json.loads((directory / SFT_MANIFEST).read_text(encoding="utf-8"))
+    if manifest.get("format") != SFT_FORMAT:
+        raise DataError(f"{directory / SFT_MANIFEST}: not a prepared SFT dataset "
+                        f"(format {manifest.get('format')!r}, expected {SFT_FORMAT})")
+    if fingerprint and manifest["tokenizer"]["fingerprint"] != fingerprint:
+        raise DataError(f"{directory} was tokenized with another tokenizer "
+                        f"({manifest['tokenizer']['fingerprint']}) than the model's ({fingerprint}); "
+                        f"prepare it again with the model's tokenizer")
+    splits = []
+    for name in ("train", "val"):
+        arrays = load_file(str(directory / f"{name}.safetensors"))
+        ids, labels, offsets = arrays["ids"].tolist(), arrays["labels"].tolist(), arrays["offsets"].tolist()
+        splits.append([SFTSample(ids[a:b], labels[a:b]) for a, b in zip(offsets[:-1], offsets[1:])])
+    return splits[0], splits[1], manifest

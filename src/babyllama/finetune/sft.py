@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import shutil
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from babyllama.config import RunConfig, TrainConfig
-from babyllama.data.readers import DataError, ReadStats, split_input_spec
-from babyllama.data.sft import SFTBatches, SFTStats, collate, read_conversations, tokenize_conversations
+from babyllama.data.sft import (PackedSFTBatches, SFTBatches, SFTSample, SFTStats, build_sft_samples, collate,
+                                collate_packed, fit_to_window, is_prepared_sft, load_prepared_sft)
 from babyllama.tokenizer.chat import ChatTemplate
 from babyllama.train import checkpoint as ckpt_io
 from babyllama.train.loop import Trainer
@@ -26,7 +24,7 @@ def default_sft_train() -> TrainConfig:
 @dataclass
 class SFTJob:
     ckpt: str  # the pretrained run (or checkpoint) to start from
-    data: list[str]  # SFT files, each optionally FILE::FORMAT
+    data: list[str]  # SFT files (FILE or FILE::FORMAT) or directories from `babyllama data sft`
     out: str
     train: TrainConfig = field(default_factory=default_sft_train)
     layout: str = "auto"
@@ -35,32 +33,27 @@ class SFTJob:
     from_scratch: bool = False  # same shape, random weights: what pretraining bought, for comparison
     on_error: str = "skip"
     progress: bool = True
+    pack: bool = False  # several short conversations per row (rows of max_seq_len tokens), kept apart
 
 
-def _is_val(msgs, fraction: float) -> bool:
-    key = "\x00".join(m.content for m in msgs).encode("utf-8")
-    return (zlib.crc32(key) % 1_000_000) < fraction * 1_000_000
-
-
-def load_sft_samples(files: list[str], template: ChatTemplate, max_len: int, layout: str = "auto",
+def load_sft_samples(data: list[str], template: ChatTemplate, max_len: int, layout: str = "auto",
                      val_fraction: float = 0.02, on_error: str = "skip", verbose: bool = True):
-    """(train samples, val samples, report). An empty result is an error, never an empty model."""
-    read, cut = ReadStats(), SFTStats()
-    train_convs, val_convs = [], []
-    for spec in files:
-        path, fmt = split_input_spec(spec, layout)
-        for msgs in read_conversations(path, fmt, read, on_error):
-            (val_convs if _is_val(msgs, val_fraction) else train_convs).append(msgs)
-    train = tokenize_conversations(train_convs, template, max_len, cut)
-    val = tokenize_conversations(val_convs, template, max_len, cut)
-    report = {"conversations": read.documents, "skipped": read.skipped, "skipped_where": read.skipped_where,
-              "train": len(train), "val": len(val), "truncated_prompt": cut.truncated_prompt,
-              "truncated_reply": cut.truncated_reply}
-    if verbose and read.skipped:
-        print(f"skipped {read.skipped} malformed records; first: {'; '.join(read.skipped_where[:3])}")
-    if not train:
-        raise DataError(f"no usable conversations in {', '.join(files)}"
-                        + (f" ({read.skipped} malformed; first: {read.skipped_where[0]})" if read.skipped else ""))
+    """(train, val, report) from SFT files (read and tokenized now) and/or directories that
+    `babyllama data sft` prepared (checked against the model's tokenizer)."""
+    prepared = [d for d in data if is_prepared_sft(d)]
+    files = [d for d in data if d not in prepared]
+    train, val, report = build_sft_samples(files, template, max_len, layout, val_fraction, on_error, verbose) \
+        if files else ([], [], {"conversations": 0, "skipped": 0, "skipped_where": [], "truncated_prompt": 0,
+                                 "truncated_reply": 0})
+    for directory in prepared:
+        t, v, m = load_prepared_sft(directory, template.tok.fingerprint)
+        cut = SFTStats()  # prepared for a longer window than this model's: the same policy again
+        t, v = ([SFTSample(*fit_to_window(s.ids, s.labels, max_len, cut, template.header_len)) for s in split]
+                for split in (t, v))
+        train, val = train + t, val + v
+        for key in ("conversations", "skipped", "truncated_prompt", "truncated_reply"):
+            report[key] += m[key] + getattr(cut, key, 0)
+    report.update(train=len(train), val=len(val), max_len=max_len)
     return train, val, report
 
 
@@ -86,9 +79,14 @@ def sft(job: SFTJob) -> dict:
     (out / "run_config.toml").write_text(run.to_toml(), encoding="utf-8")
     (out / "sft_data.json").write_text(json.dumps({**report, "source_checkpoint": str(src_ckpt)}, indent=2,
                                                   ensure_ascii=False), encoding="utf-8")
-    batches = SFTBatches(train, job.train.batch_size, tok.pad_id, seed=job.train.seed)
-    val_batches = [collate(val[i:i + job.train.batch_size], tok.pad_id)
-                   for i in range(0, min(len(val), job.train.batch_size * job.train.eval_batches), job.train.batch_size)]
+    bs = job.train.batch_size
+    val = val[:bs * job.train.eval_batches]
+    if job.pack:
+        batches = PackedSFTBatches(train, bs, tok.pad_id, capacity=cfg.max_seq_len, seed=job.train.seed)
+        val_batches = [collate_packed([[s] for s in val[i:i + bs]], tok.pad_id) for i in range(0, len(val), bs)]
+    else:
+        batches = SFTBatches(train, bs, tok.pad_id, seed=job.train.seed)
+        val_batches = [collate(val[i:i + bs], tok.pad_id) for i in range(0, len(val), bs)]
     trainer = Trainer(model, cfg, job.train, batches, out, val_batches=val_batches or None,
                       run_config=run.to_dict(), progress=job.progress)
     if job.resume:

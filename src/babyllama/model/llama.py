@@ -39,7 +39,8 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None, layer: int = 0, start_pos: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, layer: int = 0, start_pos: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.wqkv(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
@@ -48,7 +49,7 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        mask, causal = None, True
+        causal = mask is None
         if cache is not None:
             k, v = cache.update(layer, start_pos, k, v)
             if start_pos > 0:
@@ -85,9 +86,22 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
-    def forward(self, x, cos, sin, cache=None, layer=0, start_pos=0):
-        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, cache, layer, start_pos))
+    def forward(self, x, cos, sin, cache=None, layer=0, start_pos=0, mask=None):
+        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, cache, layer, start_pos, mask))
         return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
+
+
+def segment_positions_and_mask(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For packed rows: each token's position inside its segment, and the (batch, 1, seq, seq)
+    attention mask that is causal and never crosses a segment boundary."""
+    B, T = segments.shape
+    idx = torch.arange(T, device=segments.device).expand(B, T)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    same = segments[:, :, None] == segments[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    return idx - first, (same & causal).unsqueeze(1)
 
 
 class Llama(nn.Module):
@@ -121,21 +135,33 @@ class Llama(nn.Module):
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
+                cache: KVCache | None = None, start_pos: int = 0, last_only: bool = False,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (batch, seq) -> logits (batch, seq, vocab), or the summed loss when targets are given.
 
         With `targets` (same shape, -100 where no loss is wanted) the return value is the *sum* of
         token losses; the caller divides by the number of counted tokens. `last_only` returns logits
         for the final position only (generation needs nothing else).
+
+        `segments` (batch, seq) packs several documents into one row: a token attends only to
+        earlier tokens of its own segment, and positions restart at 0 with each segment, so a
+        packed document is computed exactly as if it were alone.
         """
         T = tokens.shape[1]
         if start_pos + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} positions exceeds max_seq_len={self.config.max_seq_len}")
-        cos = self.rope_cos[start_pos:start_pos + T]
-        sin = self.rope_sin[start_pos:start_pos + T]
+        mask = None
+        if segments is not None:
+            if cache is not None:
+                raise ValueError("segments (packed sequences) are for training, not for cached generation")
+            positions, mask = segment_positions_and_mask(segments)
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+        else:
+            cos = self.rope_cos[start_pos:start_pos + T]
+            sin = self.rope_sin[start_pos:start_pos + T]
         x = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, start_pos)
+            x = layer(x, cos, sin, cache, i, start_pos, mask)
         x = self.norm(x)
         if targets is not None:
             return linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.output_weight, targets.reshape(-1))

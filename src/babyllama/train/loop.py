@@ -2,7 +2,7 @@
 
 A stage hands it a model, a `TrainConfig`, a batch source (anything with `next_batch()`,
 `state_dict()` and `load_state_dict()`, yielding (tokens, targets) with -100 where no loss is
-wanted) and optional validation batches. The loop owns precision, the optimizer and schedule,
+wanted, or (tokens, targets, segments) for packed rows) and optional validation batches. The loop owns precision, the optimizer and schedule,
 gradient accumulation, clipping, evaluation, metrics, checkpoints, exact resume, the NaN guard
 and a clean stop on Ctrl-C.
 """
@@ -27,7 +27,7 @@ from babyllama.train.runtime import autocast_context, peak_flops, pick_device, p
 
 
 class BatchSource(Protocol):
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def next_batch(self) -> tuple[torch.Tensor, ...]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
 
@@ -157,14 +157,13 @@ class Trainer:
         micro = [self.batches.next_batch() for _ in range(cfg.grad_accum)]
         # normalise by the tokens of the whole step, so accumulation equals one large batch
         # even when micro-batches hold different numbers of counted (non -100) targets
-        n_tokens = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro)
+        n_tokens = sum(int((batch[1] != IGNORE_INDEX).sum()) for batch in micro)
         if n_tokens == 0:
             raise ValueError(f"step {self.step}: no target tokens in the batch (everything is masked)")
         total = torch.zeros((), device=self.device)
-        for x, y in micro:
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        for batch in micro:
             with autocast_context(self.device, self.dtype):
-                loss = self.train_model(x, y) / n_tokens
+                loss = self._loss_sum(self.train_model, batch) / n_tokens
             self.scaler.scale(loss).backward()
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
@@ -181,8 +180,13 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens_seen += sum(x.numel() for x, _ in micro)
+        self.tokens_seen += sum(batch[0].numel() for batch in micro)
         return loss_value, norm_value
+
+    def _loss_sum(self, model, batch) -> torch.Tensor:
+        """Summed token loss of one (tokens, targets[, segments]) batch."""
+        x, y, *segments = (t.to(self.device, non_blocking=True) for t in batch)
+        return model(x, y, segments=segments[0]) if segments else model(x, y)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -190,11 +194,10 @@ class Trainer:
             return float("nan")
         self.model.eval()
         total, count = 0.0, 0
-        for x, y in self.val_batches:
-            x, y = x.to(self.device), y.to(self.device)
+        for batch in self.val_batches:
             with autocast_context(self.device, self.dtype):
-                total += float(self.model(x, y))
-            count += int((y != IGNORE_INDEX).sum())
+                total += float(self._loss_sum(self.model, batch))
+            count += int((batch[1] != IGNORE_INDEX).sum())
         self.model.train()
         return total / max(count, 1)
 
