@@ -32,6 +32,11 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N, mps")
     g.add_argument("--dtype", help="auto (default: bf16 on GPUs that have it, float32 on CPUs), float32, bfloat16, float16")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (faster steps after a warm-up)")
+    g.add_argument("--parallel", choices=["ddp", "fsdp"],
+                   help="under torchrun with several processes: ddp (default; whole model per rank) or fsdp "
+                        "(FSDP2: parameters, gradients and optimizer state sharded)")
+    g.add_argument("--stop-at-step", type=int, metavar="N",
+                   help="pause at step N with a checkpoint (the schedule still runs to --max-steps; --resume continues)")
     g.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this many minutes")
     g.add_argument("--seed", type=int, help="random seed (train.seed)")
 
@@ -43,7 +48,7 @@ def _run_config(args, base=None):
     train = overrides.setdefault("train", {})
     for flag, key in (("max_steps", "max_steps"), ("batch_size", "batch_size"), ("grad_accum", "grad_accum"),
                       ("lr", "lr"), ("device", "device"), ("dtype", "dtype"), ("max_minutes", "max_minutes"),
-                      ("seed", "seed")):
+                      ("seed", "seed"), ("parallel", "parallel")):
         value = getattr(args, flag, None)
         if value is not None:
             train[key] = value
@@ -95,7 +100,13 @@ def cmd_pretrain(args) -> None:
         args.config = str(saved)  # resuming: the run's own config, with only the flags given now on top
     cfg = _run_config(args)
     summary = pretrain(PretrainJob(data=args.data, out=args.out, config=cfg, resume=args.resume, init=args.init,
-                                   tokenizer=args.tokenizer))
+                                   tokenizer=args.tokenizer, stop_at_step=args.stop_at_step))
+    _report_run(summary)
+
+
+def _report_run(summary: dict) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for all
+        return
     val = summary["val"]
     if val:
         print(f"validation loss {val[0][1]:.3f} (step {val[0][0]}) -> {val[-1][1]:.3f} (step {val[-1][0]})")
@@ -138,11 +149,8 @@ def cmd_sft(args) -> None:
     train = _run_config(args, base=RunConfig(train=default_sft_train())).train
     summary = sft(SFTJob(ckpt=args.ckpt, data=args.data, out=args.out, train=train, layout=args.format,
                          val_fraction=args.val_fraction, resume=args.resume, on_error=args.on_error,
-                         pack=args.pack))
-    val = summary["val"]
-    if val:
-        print(f"validation loss {val[0][1]:.3f} (step {val[0][0]}) -> {val[-1][1]:.3f} (step {val[-1][0]})")
-    print(f"stopped ({summary['stopped']}) at step {summary['step']}; checkpoint {summary['checkpoint']}")
+                         pack=args.pack, stop_at_step=args.stop_at_step))
+    _report_run(summary)
 
 
 def cmd_chat(args) -> None:
@@ -286,6 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _leave_process_group() -> None:
+    if "torch" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -306,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     try:
         args.func(args)
+        _leave_process_group()
     except known as e:
         print(f"babyllama: error: {e}", file=sys.stderr)
         return 1

@@ -102,6 +102,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     compile: bool = False
+    parallel: str = "ddp"  # ddp | fsdp: how several processes (torchrun) share the work
     max_minutes: float = 0.0  # stop (with a checkpoint) after this many minutes; 0 = no limit
     tensorboard: bool = False
 

@@ -34,6 +34,7 @@ class SFTJob:
     on_error: str = "skip"
     progress: bool = True
     pack: bool = False  # several short conversations per row (rows of max_seq_len tokens), kept apart
+    stop_at_step: int | None = None  # pause here with a checkpoint; resume continues the same schedule
 
 
 def load_sft_samples(data: list[str], template: ChatTemplate, max_len: int, layout: str = "auto",
@@ -59,7 +60,11 @@ def load_sft_samples(data: list[str], template: ChatTemplate, max_len: int, layo
 
 def sft(job: SFTJob) -> dict:
     from babyllama.infer.generate import load_for_inference
+    from babyllama.train.distributed import distributed_env
+    from babyllama.train.runtime import pick_device
 
+    env = distributed_env(pick_device(job.train.device).type)
+    show = job.progress and env.is_main
     model, tok, src_ckpt = load_for_inference(job.ckpt, "cpu")
     model.train()
     if job.from_scratch:
@@ -68,35 +73,40 @@ def sft(job: SFTJob) -> dict:
     template = ChatTemplate(tok)
     cfg = model.config
     train, val, report = load_sft_samples(job.data, template, cfg.max_seq_len + 1, job.layout, job.val_fraction,
-                                          job.on_error, job.progress)
+                                          job.on_error, show)
     out = Path(job.out)
     has_checkpoint = (out / ckpt_io.CKPT_DIR / "latest").is_file()
     if has_checkpoint and not job.resume:
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    tok.save(out / "tokenizer")
     run = RunConfig(model=cfg, train=job.train)
-    (out / "run_config.toml").write_text(run.to_toml(), encoding="utf-8")
-    (out / "sft_data.json").write_text(json.dumps({**report, "source_checkpoint": str(src_ckpt)}, indent=2,
-                                                  ensure_ascii=False), encoding="utf-8")
+    if env.is_main:
+        tok.save(out / "tokenizer")
+        (out / "run_config.toml").write_text(run.to_toml(), encoding="utf-8")
+        (out / "sft_data.json").write_text(json.dumps({**report, "source_checkpoint": str(src_ckpt)}, indent=2,
+                                                      ensure_ascii=False), encoding="utf-8")
     bs = job.train.batch_size
-    val = val[:bs * job.train.eval_batches]
+    vbs = bs * env.world_size  # validation batches are global: each rank evaluates its share
+    val = val[:vbs * job.train.eval_batches]
     if job.pack:
-        batches = PackedSFTBatches(train, bs, tok.pad_id, capacity=cfg.max_seq_len, seed=job.train.seed)
-        val_batches = [collate_packed([[s] for s in val[i:i + bs]], tok.pad_id) for i in range(0, len(val), bs)]
+        batches = PackedSFTBatches(train, bs, tok.pad_id, capacity=cfg.max_seq_len, seed=job.train.seed,
+                                   rank=env.rank, world_size=env.world_size)
+        val_batches = [collate_packed([[s] for s in val[i:i + vbs]], tok.pad_id) for i in range(0, len(val), vbs)]
     else:
-        batches = SFTBatches(train, bs, tok.pad_id, seed=job.train.seed)
-        val_batches = [collate(val[i:i + bs], tok.pad_id) for i in range(0, len(val), bs)]
+        batches = SFTBatches(train, bs, tok.pad_id, seed=job.train.seed, rank=env.rank, world_size=env.world_size)
+        val_batches = [collate(val[i:i + vbs], tok.pad_id) for i in range(0, len(val), vbs)]
     trainer = Trainer(model, cfg, job.train, batches, out, val_batches=val_batches or None,
-                      run_config=run.to_dict(), progress=job.progress)
+                      run_config=run.to_dict(), progress=show)
     if job.resume:
         trainer.resume()
-    if job.progress:
+    if show:
         print(f"SFT: {report['train']:,} training / {report['val']:,} validation conversations "
               f"({report['skipped']} skipped, {report['truncated_prompt']} prompts and "
               f"{report['truncated_reply']} replies truncated to {cfg.max_seq_len} tokens)")
-    summary = trainer.fit()
+    summary = trainer.fit(job.stop_at_step)
     summary["data"] = report
+    if not env.is_main:
+        return summary
     try:
         from babyllama.train.plot import plot_loss
 

@@ -22,6 +22,7 @@ import torch
 from babyllama.config import ModelConfig, TrainConfig
 from babyllama.model.loss import IGNORE_INDEX
 from babyllama.train import checkpoint as ckpt_io
+from babyllama.train.distributed import distributed_env, full_state, gradient_sync, load_full_state, rank_device, wrap_model
 from babyllama.train.optim import build_optimizer, lr_at
 from babyllama.train.runtime import autocast_context, peak_flops, pick_device, pick_dtype, tune_cpu_allocator
 
@@ -92,12 +93,15 @@ class Trainer:
         self.cfg, self.model_config = cfg, model_config
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.device = pick_device(cfg.device)
+        device = pick_device(cfg.device)
+        self.env = distributed_env(device.type)
+        self.device = rank_device(device, self.env)
         self.dtype = pick_dtype(cfg.dtype, self.device)
         if self.device.type == "cpu":
             tune_cpu_allocator()
         self.model = model.to(self.device)
-        self.train_model = torch.compile(self.model) if cfg.compile else self.model
+        wrapped = wrap_model(self.model, cfg.parallel, self.env, self.dtype)
+        self.train_model = torch.compile(wrapped) if cfg.compile else wrapped
         self.optimizer = build_optimizer(self.model, cfg, self.device.type)
         # fp16 needs loss scaling; bf16 and float32 do not
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -111,37 +115,50 @@ class Trainer:
     # --- state --------------------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        state = {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.batches.state_dict(),
-                 "rng_cpu": torch.get_rng_state(), "scaler": self.scaler.state_dict()}
-        if torch.cuda.is_available():
-            state["rng_cuda"] = torch.cuda.get_rng_state_all()
-        return state
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        # the data position is global (every rank walks the same order); RNG is per rank
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.batches.state_dict(),
+                "rng_ranks": self.env.gather_objects(rng), "scaler": self.scaler.state_dict(),
+                "world_size": self.env.world_size}
 
     def save(self) -> Path:
-        self.last_checkpoint = ckpt_io.save_checkpoint(
-            self.out, self.step, self.model, self.model_config, self.optimizer, self.state(),
-            self.run_config, keep=self.cfg.keep_ckpts)
-        return self.last_checkpoint
+        """A collective under several processes: all gather, rank 0 writes, all wait for it."""
+        weights, optim = full_state(self.model, self.optimizer)
+        state = self.state()
+        path = ckpt_io.checkpoint_path(self.out, self.step)
+        if self.env.is_main:
+            ckpt_io.save_checkpoint(self.out, self.step, weights, self.model_config, optim, state,
+                                    self.run_config, keep=self.cfg.keep_ckpts)
+        self.env.barrier()
+        self.last_checkpoint = path
+        return path
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Continue from the newest checkpoint under `path` (default: the output directory)."""
         try:
-            ckpt = ckpt_io.find_checkpoint(path or self.out)
+            ckpt = ckpt_io.find_checkpoint(path or self.out, verify=True,
+                                           warn=print if self.env.is_main else None)
         except ckpt_io.CheckpointError:
             if path is not None:
                 raise
             return False
-        ckpt_io.load_weights(self.model, ckpt)
         opt_state, state = ckpt_io.load_training_state(ckpt)
         if opt_state is None or state is None:
             raise ckpt_io.CheckpointError(f"{ckpt}: has weights but no optimizer/trainer state; it cannot be resumed "
                                           f"(start a new run from it with --init instead)")
-        self.optimizer.load_state_dict(opt_state)
+        load_full_state(self.model, self.optimizer, ckpt_io.load_state_file(ckpt), opt_state)
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.batches.load_state_dict(state["data"])
-        torch.set_rng_state(state["rng_cpu"])
-        if "rng_cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        ranks = state.get("rng_ranks") or [{"cpu": state["rng_cpu"]}]
+        if len(ranks) == self.env.world_size:  # same world size: each rank continues its own stream
+            rng = ranks[self.env.rank]
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+        else:  # another world size: fresh per-rank streams (only dropout draws from them)
+            torch.manual_seed(self.cfg.seed + 1_000 * self.step + self.env.rank)
         if "scaler" in state and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.last_checkpoint = ckpt
@@ -155,17 +172,22 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, cfg)
         micro = [self.batches.next_batch() for _ in range(cfg.grad_accum)]
-        # normalise by the tokens of the whole step, so accumulation equals one large batch
-        # even when micro-batches hold different numbers of counted (non -100) targets
-        n_tokens = sum(int((batch[1] != IGNORE_INDEX).sum()) for batch in micro)
+        # normalise by the counted (non -100) targets of the whole step on all ranks, so
+        # accumulation and data parallelism equal one large batch even when SFT masks differ;
+        # DDP/FSDP average gradients over ranks, hence the factor world_size
+        counts = torch.tensor([float(sum(int((batch[1] != IGNORE_INDEX).sum()) for batch in micro))])
+        n_tokens = float(self.env.all_sum(counts.to(self.device)).item())
         if n_tokens == 0:
             raise ValueError(f"step {self.step}: no target tokens in the batch (everything is masked)")
+        scale = self.env.world_size / n_tokens
         total = torch.zeros((), device=self.device)
-        for batch in micro:
-            with autocast_context(self.device, self.dtype):
-                loss = self._loss_sum(self.train_model, batch) / n_tokens
-            self.scaler.scale(loss).backward()
+        for i, batch in enumerate(micro):
+            with gradient_sync(self.train_model, sync=i == len(micro) - 1):
+                with autocast_context(self.device, self.dtype):
+                    loss = self._loss_sum(self.train_model, batch) * scale
+                self.scaler.scale(loss).backward()
             total += loss.detach()
+        total = self.env.all_sum(total) / self.env.world_size
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         loss_value, norm_value = float(total), float(norm)
@@ -180,7 +202,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens_seen += sum(batch[0].numel() for batch in micro)
+        self.tokens_seen += sum(batch[0].numel() for batch in micro) * self.env.world_size
         return loss_value, norm_value
 
     def _loss_sum(self, model, batch) -> torch.Tensor:
@@ -193,12 +215,15 @@ class Trainer:
         if not self.val_batches:
             return float("nan")
         self.model.eval()
-        total, count = 0.0, 0
+        sums = torch.zeros(2, dtype=torch.float64)  # loss, counted tokens
         for batch in self.val_batches:
+            # the same validation set at any world size: each rank takes its rows of every batch
+            batch = [t[self.env.rank::self.env.world_size] for t in batch]
             with autocast_context(self.device, self.dtype):
-                total += float(self._loss_sum(self.model, batch))
-            count += int((batch[1] != IGNORE_INDEX).sum())
+                sums[0] += float(self._loss_sum(self.model, batch))
+            sums[1] += int((batch[1] != IGNORE_INDEX).sum())
         self.model.train()
+        total, count = self.env.all_sum(sums.to(self.device)).tolist()
         return total / max(count, 1)
 
     # --- the loop -------------------------------------------------------------------------------------
@@ -209,13 +234,15 @@ class Trainer:
         from tqdm import tqdm
 
         cfg = self.cfg
-        log = MetricsLog(self.out / "metrics.jsonl", self.out / "tensorboard" if cfg.tensorboard else None)
+        main = self.env.is_main  # one process writes logs and shows progress
+        log = MetricsLog(self.out / "metrics.jsonl", self.out / "tensorboard" if cfg.tensorboard else None) \
+            if main else None
         peak = peak_flops(self.device, self.dtype)
         flag: dict[str, bool] = {}
         started = time.perf_counter()
         history: dict[str, list] = {"val": []}
         self.model.train()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.progress, dynamic_ncols=True,
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (self.progress and main), dynamic_ncols=True,
                    desc="training", unit="step")
         window_t, window_tokens = time.perf_counter(), 0
         stop_reason = "max_steps"
@@ -237,7 +264,8 @@ class Trainer:
                                   "time": round(time.perf_counter() - started, 2)}
                         if mfu is not None:
                             record["mfu"] = round(mfu, 4)
-                        log.write(record)
+                        if log:
+                            log.write(record)
                         bar.set_postfix_str(f"loss {loss:.3f} lr {record['lr']:.2e} {tok_s:,.0f} tok/s"
                                             + (f" MFU {mfu:.0%}" if mfu is not None else ""))
                         window_t, window_tokens = time.perf_counter(), 0
@@ -245,20 +273,20 @@ class Trainer:
                         self._log_eval(log, history, bar)
                     if self.step % cfg.ckpt_interval == 0 and self.step < cfg.max_steps:
                         self.save()
-                    if flag.get("stop"):
-                        stop_reason = "interrupted"
+                    out_of_time = bool(cfg.max_minutes) and time.perf_counter() - started > cfg.max_minutes * 60
+                    # every rank must stop at the same step, or the others wait forever
+                    if self.env.any(bool(flag.get("stop")) or out_of_time, self.device):
+                        stop_reason = "interrupted" if flag.get("stop") else "max_minutes"
                         break
                     if stop_at_step is not None and self.step >= stop_at_step:
                         stop_reason = "paused"
-                        break
-                    if cfg.max_minutes and time.perf_counter() - started > cfg.max_minutes * 60:
-                        stop_reason = "max_minutes"
                         break
             if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"{self.step:08d}"):
                 self.save()
         finally:
             bar.close()
-            log.close()
+            if log:
+                log.close()
         return {"step": self.step, "tokens": self.tokens_seen, "stopped": stop_reason,
                 "checkpoint": str(self.last_checkpoint), "val": history["val"],
                 "seconds": time.perf_counter() - started}
@@ -266,7 +294,9 @@ class Trainer:
     def _log_eval(self, log: MetricsLog, history: dict, bar) -> None:
         val = self.evaluate()
         history["val"].append((self.step, val))
-        log.write({"step": self.step, "val_loss": round(val, 5), "tokens": self.tokens_seen})
-        bar.write(f"step {self.step:>6}  val loss {val:.4f}")
+        if log:
+            log.write({"step": self.step, "val_loss": round(val, 5), "tokens": self.tokens_seen})
+        if self.progress and self.env.is_main:
+            bar.write(f"step {self.step:>6}  val loss {val:.4f}")
         if self.on_eval:
             self.on_eval(self.step, val)

@@ -25,6 +25,7 @@ class PretrainJob:
     init: str | None = None  # start from the weights of this checkpoint (a new run, fresh optimizer)
     tokenizer: str | None = None  # only checked against the data's tokenizer
     progress: bool = True
+    stop_at_step: int | None = None  # pause here with a checkpoint; --resume continues the same schedule
 
 
 def check_tokenizer(data_dir: Path, manifest: dict, tokenizer_path: str | None):
@@ -57,29 +58,39 @@ def pretrain(job: PretrainJob) -> dict:
 
     from babyllama.model import Llama
 
+    from babyllama.train.distributed import distributed_env
+    from babyllama.train.runtime import pick_device
+
+    env = distributed_env(pick_device(cfg.train.device).type)
     torch.manual_seed(cfg.train.seed)
     model = Llama(cfg.model)
     if job.init:
         init = ckpt_io.find_checkpoint(job.init)
         ckpt_io.load_weights(model, init)
     seq = cfg.model.max_seq_len
-    batches = PretrainBatches(data_dir, seq, cfg.train.batch_size, seed=cfg.train.seed)
-    val = validation_batches(data_dir, seq, cfg.train.batch_size, cfg.train.eval_batches)
+    batches = PretrainBatches(data_dir, seq, cfg.train.batch_size, seed=cfg.train.seed, rank=env.rank,
+                              world_size=env.world_size)
+    # validation batches are global: each rank evaluates its share of every one
+    val = validation_batches(data_dir, seq, cfg.train.batch_size * env.world_size, cfg.train.eval_batches)
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "run_config.toml").write_text(cfg.to_toml(), encoding="utf-8")
-    if not (out / "tokenizer").exists():
-        shutil.copytree(data_dir / "tokenizer", out / "tokenizer")
+    if env.is_main:
+        (out / "run_config.toml").write_text(cfg.to_toml(), encoding="utf-8")
+        if not (out / "tokenizer").exists():
+            shutil.copytree(data_dir / "tokenizer", out / "tokenizer")
     trainer = Trainer(model, cfg.model, cfg.train, batches, out, val_batches=val,
-                      run_config=cfg.to_dict(), progress=job.progress)
+                      run_config=cfg.to_dict(), progress=job.progress and env.is_main)
     if job.resume:
         trainer.resume()
-    if job.progress:
+    if job.progress and env.is_main:
         n = cfg.model.num_params()
         print(f"model: {n / 1e6:.2f}M parameters, {cfg.model.n_layers} layers, dim {cfg.model.dim}, "
               f"vocab {cfg.model.vocab_size}; device {trainer.device}, {str(trainer.dtype).replace('torch.', '')}; "
-              f"{batches.windows.num_windows:,} training windows of {seq} tokens")
-    summary = trainer.fit()
+              f"{batches.windows.num_windows:,} training windows of {seq} tokens"
+              + (f"; {env.world_size} processes ({cfg.train.parallel})" if env.enabled else ""))
+    summary = trainer.fit(job.stop_at_step)
+    if not env.is_main:
+        return summary
     try:
         from babyllama.train.plot import plot_loss
 
