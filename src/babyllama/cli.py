@@ -35,6 +35,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--parallel", choices=["ddp", "fsdp"],
                    help="under torchrun with several processes: ddp (default; whole model per rank) or fsdp "
                         "(FSDP2: parameters, gradients and optimizer state sharded)")
+    g.add_argument("--deepspeed", metavar="CONFIG.json",
+                   help="train through DeepSpeed ZeRO with this config (stage etc.); batch, accumulation, "
+                        "optimizer, clipping and precision are filled in from the babyllama settings")
     g.add_argument("--stop-at-step", type=int, metavar="N",
                    help="pause at step N with a checkpoint (the schedule still runs to --max-steps; --resume continues)")
     g.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this many minutes")
@@ -48,7 +51,7 @@ def _run_config(args, base=None):
     train = overrides.setdefault("train", {})
     for flag, key in (("max_steps", "max_steps"), ("batch_size", "batch_size"), ("grad_accum", "grad_accum"),
                       ("lr", "lr"), ("device", "device"), ("dtype", "dtype"), ("max_minutes", "max_minutes"),
-                      ("seed", "seed"), ("parallel", "parallel")):
+                      ("seed", "seed"), ("parallel", "parallel"), ("deepspeed", "deepspeed")):
         value = getattr(args, flag, None)
         if value is not None:
             train[key] = value

@@ -103,6 +103,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     compile: bool = False
     parallel: str = "ddp"  # ddp | fsdp: how several processes (torchrun) share the work
+    deepspeed: str = ""  # a DeepSpeed JSON config: use its ZeRO engine instead of ddp/fsdp
     max_minutes: float = 0.0  # stop (with a checkpoint) after this many minutes; 0 = no limit
     tensorboard: bool = False
 

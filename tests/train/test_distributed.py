@@ -23,10 +23,15 @@ SMALL = ["--preset", "tiny", "--set", "model.dim=64", "--set", "model.n_layers=2
          "--device", "cpu"]
 
 
-def babyllama(args: list[str], nproc: int = 1) -> None:
+def babyllama(args: list[str], nproc: int = 1, launcher: str = "torchrun") -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
+    if nproc == 1:
+        launcher = [sys.executable]
+    elif launcher == "torchrun":
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    else:  # accelerate's multi-process launcher (it sets the same variables as torchrun)
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={nproc}",
+                    "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=0"]
     res = subprocess.run(launcher + ["-m", "babyllama.cli"] + args, env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
@@ -83,3 +88,10 @@ def test_a_checkpoint_resumes_on_another_world_size(single, data_dir, tmp_path):
     babyllama(["pretrain", "--data", str(data_dir), "--out", str(one_then_two), "--resume", "--batch-size", "4",
                "--parallel", "ddp"] + SMALL, nproc=2)
     assert_same_run(single, one_then_two)
+
+
+def test_accelerate_launch_runs_the_same_engine(single, data_dir, tmp_path):
+    out = tmp_path / "run"
+    babyllama(["pretrain", "--data", str(data_dir), "--out", str(out), "--batch-size", "4"] + SMALL, nproc=2,
+              launcher="accelerate")
+    assert_same_run(single, out)

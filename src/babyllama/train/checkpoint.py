@@ -79,8 +79,9 @@ def _sha256(path: Path) -> str:
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module | dict[str, torch.Tensor],
                     model_config: ModelConfig, optimizer: torch.optim.Optimizer | dict | None = None,
                     state: dict[str, Any] | None = None, run_config: dict[str, Any] | None = None,
-                    keep: int = 2) -> Path:
-    """`model` and `optimizer` may be objects or (full) state dicts already gathered."""
+                    keep: int = 2, extra_dirs: dict[str, Path] | None = None) -> Path:
+    """`model` and `optimizer` may be objects or (full) state dicts already gathered; `extra_dirs`
+    (e.g. DeepSpeed's optimizer shards) are moved in before the checksums are taken."""
     final = checkpoint_path(run_dir, step)
     root, name = final.parent, final.name
     root.mkdir(parents=True, exist_ok=True)
@@ -97,9 +98,12 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module | dic
         torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
     if state is not None:
         torch.save(state, tmp / "state.pt")
-    sums = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+    for name, src in (extra_dirs or {}).items():
+        os.replace(src, tmp / name)
+    files = sorted(f for f in tmp.rglob("*") if f.is_file())
+    sums = {str(f.relative_to(tmp)): _sha256(f) for f in files}
     (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1), encoding="utf-8")
-    for f in tmp.iterdir():
+    for f in files + [tmp / CHECKSUMS]:
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     if final.exists():

@@ -23,7 +23,7 @@ from babyllama.config import ModelConfig, TrainConfig
 from babyllama.model.loss import IGNORE_INDEX
 from babyllama.train import checkpoint as ckpt_io
 from babyllama.train.distributed import distributed_env, full_state, gradient_sync, load_full_state, rank_device, wrap_model
-from babyllama.train.optim import build_optimizer, lr_at
+from babyllama.train.optim import build_optimizer, lr_at, param_groups
 from babyllama.train.runtime import autocast_context, peak_flops, pick_device, pick_dtype, tune_cpu_allocator
 
 
@@ -100,9 +100,17 @@ class Trainer:
         if self.device.type == "cpu":
             tune_cpu_allocator()
         self.model = model.to(self.device)
-        wrapped = wrap_model(self.model, cfg.parallel, self.env, self.dtype)
-        self.train_model = torch.compile(wrapped) if cfg.compile else wrapped
-        self.optimizer = build_optimizer(self.model, cfg, self.device.type)
+        self.ds = None  # a DeepSpeedRun when --deepspeed is given
+        if cfg.deepspeed:
+            from babyllama.train.deepspeed_backend import DeepSpeedRun
+
+            self.ds = DeepSpeedRun(self.model, cfg, cfg.deepspeed, self.env.world_size, self.dtype,
+                                   param_groups(self.model, cfg))
+            self.train_model, self.optimizer = self.ds.engine, self.ds.optimizer
+        else:
+            wrapped = wrap_model(self.model, cfg.parallel, self.env, self.dtype)
+            self.train_model = torch.compile(wrapped) if cfg.compile else wrapped
+            self.optimizer = build_optimizer(self.model, cfg, self.device.type)
         # fp16 needs loss scaling; bf16 and float32 do not
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.batches, self.val_batches = batches, val_batches
@@ -125,12 +133,19 @@ class Trainer:
 
     def save(self) -> Path:
         """A collective under several processes: all gather, rank 0 writes, all wait for it."""
-        weights, optim = full_state(self.model, self.optimizer)
-        state = self.state()
         path = ckpt_io.checkpoint_path(self.out, self.step)
+        extra = {}
+        if self.ds:  # DeepSpeed keeps its (partitioned) optimizer state in its own format
+            shards = path.with_name(path.name + ".deepspeed")
+            self.ds.save_shards(shards)
+            weights, optim, extra = self.ds.full_weights(), None, {"deepspeed": shards}
+        else:
+            weights, optim = full_state(self.model, self.optimizer)
+        state = self.state()
+        self.env.barrier()
         if self.env.is_main:
             ckpt_io.save_checkpoint(self.out, self.step, weights, self.model_config, optim, state,
-                                    self.run_config, keep=self.cfg.keep_ckpts)
+                                    self.run_config, keep=self.cfg.keep_ckpts, extra_dirs=extra)
         self.env.barrier()
         self.last_checkpoint = path
         return path
@@ -145,10 +160,16 @@ class Trainer:
                 raise
             return False
         opt_state, state = ckpt_io.load_training_state(ckpt)
-        if opt_state is None or state is None:
+        if self.ds:
+            if state is None or not (ckpt / "deepspeed").is_dir():
+                raise ckpt_io.CheckpointError(f"{ckpt}: not a DeepSpeed checkpoint; resume it without --deepspeed, "
+                                              f"or start a new run from its weights with --init")
+            self.ds.load_shards(ckpt / "deepspeed")
+        elif opt_state is None or state is None:
             raise ckpt_io.CheckpointError(f"{ckpt}: has weights but no optimizer/trainer state; it cannot be resumed "
                                           f"(start a new run from it with --init instead)")
-        load_full_state(self.model, self.optimizer, ckpt_io.load_state_file(ckpt), opt_state)
+        else:
+            load_full_state(self.model, self.optimizer, ckpt_io.load_state_file(ckpt), opt_state)
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.batches.load_state_dict(state["data"])
         ranks = state.get("rng_ranks") or [{"cpu": state["rng_cpu"]}]
@@ -181,6 +202,8 @@ class Trainer:
             raise ValueError(f"step {self.step}: no target tokens in the batch (everything is masked)")
         scale = self.env.world_size / n_tokens
         total = torch.zeros((), device=self.device)
+        if self.ds:
+            return self._deepspeed_step(micro, scale)
         for i, batch in enumerate(micro):
             with gradient_sync(self.train_model, sync=i == len(micro) - 1):
                 with autocast_context(self.device, self.dtype):
@@ -193,14 +216,34 @@ class Trainer:
         loss_value, norm_value = float(total), float(norm)
         if not math.isfinite(loss_value) or (not math.isfinite(norm_value) and self.dtype != torch.float16):
             self.optimizer.zero_grad(set_to_none=True)
-            where = f"last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
-            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-            raise TrainingDiverged(f"{what} became {loss_value if what == 'loss' else norm_value} at step {self.step}; "
-                                   f"stopped without updating the weights ({where}). Lower train.lr or raise "
-                                   f"train.warmup_steps, then resume.")
+            self._diverged("loss" if not math.isfinite(loss_value) else "gradient norm",
+                           loss_value if not math.isfinite(loss_value) else norm_value)
         self.scaler.step(self.optimizer)  # skips the step on fp16 overflow, and lowers the scale
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += sum(batch[0].numel() for batch in micro) * self.env.world_size
+        return loss_value, norm_value
+
+    def _diverged(self, what: str, value: float, updated: bool = False):
+        where = f"last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
+        raise TrainingDiverged(f"{what} became {value} at step {self.step}; stopped "
+                               f"{'after' if updated else 'without'} updating the weights ({where}). Lower train.lr "
+                               f"or raise train.warmup_steps, then resume.")
+
+    def _deepspeed_step(self, micro, scale: float) -> tuple[float, float]:
+        """The same step through DeepSpeed: it reduces, clips and steps at the last micro-batch."""
+        losses = []
+        for batch in micro:
+            loss = self._loss_sum(self.train_model, batch) * scale
+            losses.append(loss.detach())
+            if not math.isfinite(float(losses[-1])):  # checked before DeepSpeed can apply it
+                self._diverged("loss", float(losses[-1]))
+            self.ds.backward_and_step(loss)
+        loss_value = float(self.env.all_sum(torch.stack(losses).sum()) / self.env.world_size)
+        norm_value = self.ds.grad_norm()
+        if not math.isfinite(norm_value) and self.dtype != torch.float16 and not math.isnan(norm_value):
+            self._diverged("gradient norm", norm_value, updated=True)
         self.step += 1
         self.tokens_seen += sum(batch[0].numel() for batch in micro) * self.env.world_size
         return loss_value, norm_value

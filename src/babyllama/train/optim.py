@@ -10,11 +10,15 @@ import torch
 from babyllama.config import TrainConfig
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]  # weights and embeddings
     no_decay = [p for p in params if p.dim() < 2]  # norm gains (and biases, if any)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
+    groups = param_groups(model, cfg)
     kwargs = {}
     # the fused kernel exists for CUDA and (torch >= 2.4) CPU: one pass per tensor instead of ~10
     # (measured 3x faster than foreach on the CPU); fall back to foreach elsewhere

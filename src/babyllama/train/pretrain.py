@@ -87,7 +87,8 @@ def pretrain(job: PretrainJob) -> dict:
         print(f"model: {n / 1e6:.2f}M parameters, {cfg.model.n_layers} layers, dim {cfg.model.dim}, "
               f"vocab {cfg.model.vocab_size}; device {trainer.device}, {str(trainer.dtype).replace('torch.', '')}; "
               f"{batches.windows.num_windows:,} training windows of {seq} tokens"
-              + (f"; {env.world_size} processes ({cfg.train.parallel})" if env.enabled else ""))
+              + (f"; {env.world_size} processes ({'deepspeed' if cfg.train.deepspeed else cfg.train.parallel})"
+                 if env.enabled else ""))
     summary = trainer.fit(job.stop_at_step)
     if not env.is_main:
         return summary
