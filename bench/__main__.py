@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--only train|data]`: every benchmark in turn, then one report of all tables.
+"""`python -m bench [--quick] [--only train|generate|data]`: every benchmark in turn, then one report of all tables.
 
 This process only starts the measurements and prints; it never imports torch or a tokenizer, so
 it stays small: a child started from it counts its parent's memory in ru_maxrss (Linux keeps the
@@ -14,14 +14,14 @@ import sys
 import time
 from importlib.metadata import version
 
-from bench import data_prep, train_vs_hf
+from bench import data_prep, generate_vs_hf, train_vs_hf
 
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="fewer repetitions; the training benchmark runs the demo config only")
-    p.add_argument("--only", choices=["train", "data"], help="run one benchmark")
+    p.add_argument("--only", choices=["train", "generate", "data"], help="run one benchmark")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the training benchmark")
     args = p.parse_args()
 
@@ -31,6 +31,9 @@ def main() -> None:
     if args.only in (None, "train"):
         log("training step: ours vs transformers LlamaForCausalLM")
         tables.append(train_vs_hf.main(quick=args.quick, threads=args.threads, log=log))
+    if args.only in (None, "generate"):
+        log("generation: ours vs transformers generate")
+        tables.append(generate_vs_hf.main(quick=args.quick, threads=args.threads, log=log))
     if args.only in (None, "data"):
         log("data preparation")
         tables.append(data_prep.main(quick=args.quick, log=log))

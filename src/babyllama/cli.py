@@ -152,7 +152,7 @@ def cmd_sft(args) -> None:
     train = _run_config(args, base=RunConfig(train=default_sft_train())).train
     summary = sft(SFTJob(ckpt=args.ckpt, data=args.data, out=args.out, train=train, layout=args.format,
                          val_fraction=args.val_fraction, resume=args.resume, on_error=args.on_error,
-                         pack=args.pack, stop_at_step=args.stop_at_step))
+                         pack=args.pack, stop_at_step=args.stop_at_step, dropout=args.dropout))
     _report_run(summary)
 
 
@@ -272,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.02, help="share of conversations held out (default 0.02)")
     p.add_argument("--on-error", choices=["skip", "raise"], default="skip",
                    help="malformed records: skip and count them (default) or stop at the first")
+    p.add_argument("--dropout", type=float, help="dropout while fine-tuning (default: the model's, usually 0)")
     p.add_argument("--pack", action="store_true",
                    help="pack several short conversations into each row of max_seq_len tokens (they never "
                         "attend to each other); --batch-size then counts rows")

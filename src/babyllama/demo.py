@@ -204,7 +204,10 @@ def run_sentiment_sft(cfg: DemoConfig, out: Path, corpus: dict) -> dict:
     print(f"== 5/6 supervised fine-tuning: review sentiment (about {cfg.sft_minutes:g} minutes, twice)")
     data = write_sentiment_sft(corpus["reviews"], out / "corpus" / "sentiment_sft.jsonl")
     train = default_sft_train()
-    train.batch_size, train.lr, train.min_lr, train.warmup_steps, train.seed = 16, 2e-3, 2e-4, 30, cfg.seed
+    # measured on one pretrained checkpoint, 2,587 steps each: lr 2e-3 without decay 84.3%, with
+    # dropout 0.1 85.2%, lr 1e-3 with weight decay 0.1 86.3% (2.5 epochs: regularisation pays)
+    train.batch_size, train.lr, train.min_lr, train.warmup_steps, train.seed = 16, 1e-3, 1e-4, 30, cfg.seed
+    train.weight_decay = 0.1
     results = {}
     for name, scratch in (("sft", False), ("sft_scratch", True)):
         run = out / name

@@ -35,6 +35,7 @@ class SFTJob:
     progress: bool = True
     pack: bool = False  # several short conversations per row (rows of max_seq_len tokens), kept apart
     stop_at_step: int | None = None  # pause here with a checkpoint; resume continues the same schedule
+    dropout: float | None = None  # override the model's dropout while fine-tuning (small data overfits)
 
 
 def load_sft_samples(data: list[str], template: ChatTemplate, max_len: int, layout: str = "auto",
@@ -66,6 +67,14 @@ def sft(job: SFTJob) -> dict:
     env = distributed_env(pick_device(job.train.device).type)
     show = job.progress and env.is_main
     model, tok, src_ckpt = load_for_inference(job.ckpt, "cpu")
+    if job.dropout is not None and job.dropout != model.config.dropout:
+        import dataclasses
+
+        from babyllama.model import Llama
+
+        tuned = Llama(dataclasses.replace(model.config, dropout=job.dropout))
+        tuned.load_state_dict(model.state_dict())
+        model = tuned
     model.train()
     if job.from_scratch:
         torch.manual_seed(job.train.seed)

@@ -118,7 +118,11 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.last_checkpoint: Path | None = None
-        self.flops_per_token = model_config.flops_per_token()
+        # the LM head runs only where a target is counted (model/loss.py), so FLOPs are counted
+        # as body x all tokens + head x counted targets: honest MFU for SFT's short answers too
+        self.head_flops = 6 * model_config.vocab_size * model_config.dim
+        self.body_flops = model_config.flops_per_token() - self.head_flops
+        self.flops_done = 0.0
 
     # --- state --------------------------------------------------------------------------------------
 
@@ -202,6 +206,8 @@ class Trainer:
             raise ValueError(f"step {self.step}: no target tokens in the batch (everything is masked)")
         scale = self.env.world_size / n_tokens
         total = torch.zeros((), device=self.device)
+        self.flops_done += (sum(batch[0].numel() for batch in micro) * self.env.world_size * self.body_flops
+                            + n_tokens * self.head_flops)
         if self.ds:
             return self._deepspeed_step(micro, scale)
         for i, batch in enumerate(micro):
@@ -287,7 +293,7 @@ class Trainer:
         self.model.train()
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (self.progress and main), dynamic_ncols=True,
                    desc="training", unit="step")
-        window_t, window_tokens = time.perf_counter(), 0
+        window_t, window_tokens, window_flops = time.perf_counter(), 0, self.flops_done
         stop_reason = "max_steps"
         try:
             with stop_on_sigint(flag):
@@ -301,7 +307,7 @@ class Trainer:
                     if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
                         elapsed = time.perf_counter() - window_t
                         tok_s = window_tokens / max(elapsed, 1e-9)
-                        mfu = tok_s * self.flops_per_token / peak if peak else None
+                        mfu = (self.flops_done - window_flops) / max(elapsed, 1e-9) / peak if peak else None
                         record = {"step": self.step, "loss": round(loss, 5), "lr": lr_at(self.step - 1, cfg),
                                   "grad_norm": round(norm, 4), "tokens": self.tokens_seen, "tok_s": round(tok_s, 1),
                                   "time": round(time.perf_counter() - started, 2)}
@@ -311,7 +317,7 @@ class Trainer:
                             log.write(record)
                         bar.set_postfix_str(f"loss {loss:.3f} lr {record['lr']:.2e} {tok_s:,.0f} tok/s"
                                             + (f" MFU {mfu:.0%}" if mfu is not None else ""))
-                        window_t, window_tokens = time.perf_counter(), 0
+                        window_t, window_tokens, window_flops = time.perf_counter(), 0, self.flops_done
                     if self.val_batches and (self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps):
                         self._log_eval(log, history, bar)
                     if self.step % cfg.ckpt_interval == 0 and self.step < cfg.max_steps:

@@ -1,0 +1,1 @@
+"""Export: our checkpoints as stock formats other tools load."""
