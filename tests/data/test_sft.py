@@ -128,3 +128,72 @@ def test_prepared_sft_round_trips_and_checks_the_tokenizer(tmp_path, tokenizer_d
     assert train == ref_train and val == ref_val
     with pytest.raises(DataError, match="another tokenizer"):
         load_prepared_sft(tmp_path / "ds", "not-this-one")
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_sft_ranks_take_disjoint_shares_of_every_global_batch(packed):
+    import torch
+
+    from babyllama.data.sft import PackedSFTBatches, SFTBatches
+
+    samples = _samples([4 + (k * 5) % 20 for k in range(120)])
+
+    def make(rank):
+        if packed:
+            return PackedSFTBatches(samples, 2, pad_id=0, capacity=40, seed=5, rank=rank, world_size=2)
+        return SFTBatches(samples, 3, pad_id=0, seed=5, rank=rank, world_size=2)
+
+    ranks = [make(0), make(1)]
+    seen = [[], []]
+    for _ in range(8):
+        for r, b in enumerate(ranks):
+            x = b.next_batch()[0]
+            seen[r] += [int(v) for v in torch.unique(x) if v != 0]  # sample k's tokens are all k + 1
+    assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
+
+
+MULTI_TURN = {  # one conversation, system + two turns, in every layout that can hold it
+    "alpaca": {"system": "你是医生", "instruction": "头疼", "input": "两天了", "output": "多休息。",
+               "history": [["你好", "你好，请讲。"]]},
+    "sharegpt": {"conversations": [{"from": "system", "value": "你是医生"}, {"from": "human", "value": "你好"},
+                                   {"from": "gpt", "value": "你好，请讲。"},
+                                   {"from": "human", "value": "头疼\n两天了"}, {"from": "gpt", "value": "多休息。"}]},
+    "openai": {"messages": [{"role": "system", "content": "你是医生"}, {"role": "user", "content": "你好"},
+                            {"role": "assistant", "content": "你好，请讲。"},
+                            {"role": "user", "content": "头疼\n两天了"}, {"role": "assistant", "content": "多休息。"}]},
+}
+
+
+@pytest.mark.parametrize("layout", list(MULTI_TURN) + ["qa", "csv"])
+def test_label_positions_are_exactly_the_assistant_replies_in_every_layout(tmp_path, tokenizer, layout):
+    """Expected ids and labels are built here from the template's definition,
+    <|im_start|>role\\ncontent<|im_end|>\\n per turn, loss on content + <|im_end|> of replies only."""
+    from babyllama.data.sft import build_sft_samples
+    from babyllama.tokenizer import IM_END, IM_START
+    from babyllama.tokenizer.chat import IGNORE, ChatTemplate
+
+    if layout == "qa":
+        f = tmp_path / "qa.jsonl"
+        f.write_text(json.dumps({"question": "头疼\n两天了", "response": "多休息。"}, ensure_ascii=False))
+        turns = [("user", "头疼\n两天了"), ("assistant", "多休息。")]
+    elif layout == "csv":
+        f = tmp_path / "pairs.csv"
+        f.write_text('prompt,answer\n"头疼\n两天了",多休息。\n', encoding="utf-8")
+        turns = [("user", "头疼\n两天了"), ("assistant", "多休息。")]
+    else:
+        f = tmp_path / f"{layout}.json"
+        f.write_text(json.dumps([MULTI_TURN[layout]], ensure_ascii=False), encoding="utf-8")
+        turns = [("system", "你是医生"), ("user", "你好"), ("assistant", "你好，请讲。"), ("user", "头疼\n两天了"),
+                 ("assistant", "多休息。")]
+    start, end = tokenizer.special_tokens[IM_START], tokenizer.special_tokens[IM_END]
+    ids, labels = [], []
+    for role, content in turns:
+        head, body, tail = [start] + tokenizer.encode(role + "\n"), tokenizer.encode(content) + [end], tokenizer.encode("\n")
+        ids += head + body + tail
+        labels += [IGNORE] * len(head) + (body if role == "assistant" else [IGNORE] * len(body)) + [IGNORE] * len(tail)
+    (train, val, report) = build_sft_samples([f"{f}::{layout}"], ChatTemplate(tokenizer), 512, val_fraction=0.0,
+                                             verbose=False)
+    assert report["conversations"] == 1 and not val
+    assert train[0].ids == ids
+    assert [i for i, lab in enumerate(train[0].labels) if lab != IGNORE] == [i for i, lab in enumerate(labels) if lab != IGNORE]
+    assert train[0].labels == labels
