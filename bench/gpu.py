@@ -20,7 +20,15 @@ import time
 from bench.train_vs_hf import RandomBatches
 
 
-def train_figures(preset: str, batch: int, steps: int, compile: bool, peak: float | None) -> dict:
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def train_figures(preset: str, batch: int, steps: int, compile: bool, peak: float | None,
+                  device: str = "cuda") -> dict:
     import torch
 
     from babyllama.config import load_config
@@ -33,7 +41,7 @@ def train_figures(preset: str, batch: int, steps: int, compile: bool, peak: floa
     if mcfg.vocab_size == 0:
         mcfg.vocab_size = 64794
     tcfg = run.train
-    tcfg.batch_size, tcfg.grad_accum, tcfg.device, tcfg.dtype, tcfg.compile = batch, 1, "cuda", "auto", compile
+    tcfg.batch_size, tcfg.grad_accum, tcfg.device, tcfg.dtype, tcfg.compile = batch, 1, device, "auto", compile
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(Llama(mcfg), mcfg, tcfg, RandomBatches(mcfg.vocab_size, batch, mcfg.max_seq_len), tmp,
                           progress=False)
@@ -41,23 +49,26 @@ def train_figures(preset: str, batch: int, steps: int, compile: bool, peak: floa
         t_compile = time.perf_counter()
         for _ in range(warm):
             trainer.train_step()
-        torch.cuda.synchronize()
+        _sync(device)
         t_compile = time.perf_counter() - t_compile
-        torch.cuda.reset_peak_memory_stats()
+        on_gpu = device.startswith("cuda")
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         for _ in range(steps):
             trainer.train_step()
-        torch.cuda.synchronize()
+        _sync(device)
         dt = (time.perf_counter() - t0) / steps
     tok_s = batch * mcfg.max_seq_len / dt
-    peak = peak or peak_flops(torch.device("cuda"), torch.bfloat16)
+    peak = peak or peak_flops(trainer.device, trainer.dtype)
     return {"preset": preset, "params_M": round(mcfg.num_params() / 1e6, 1), "batch": batch, "compile": compile,
-            "dtype": str(trainer.dtype), "tok_s": round(tok_s), "mfu": round(tok_s * mcfg.flops_per_token() / peak, 3),
+            "dtype": str(trainer.dtype), "tok_s": round(tok_s),
+            "mfu": round(tok_s * mcfg.flops_per_token() / peak, 3) if peak else None,
             "step_ms": round(dt * 1e3, 1), "warmup_s": round(t_compile, 1),
-            "peak_mem_GB": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+            "peak_mem_GB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None}
 
 
-def generation_figures(batch: int, new_tokens: int = 256) -> dict:
+def generation_figures(batch: int, new_tokens: int = 256, device: str = "cuda", preset: str = "original") -> dict:
     import torch
 
     from babyllama.config import load_config
@@ -65,23 +76,24 @@ def generation_figures(batch: int, new_tokens: int = 256) -> dict:
     from babyllama.infer.sampling import SamplingConfig
     from babyllama.model import Llama
 
-    mcfg = load_config(preset_name="original").model
+    mcfg = load_config(preset_name=preset).model
     mcfg.vocab_size = mcfg.vocab_size or 64794
-    model = Llama(mcfg).cuda().to(torch.bfloat16).eval()
-    prompt = torch.randint(mcfg.vocab_size, (batch, 32), device="cuda")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = Llama(mcfg).to(device=device, dtype=dtype).eval()
+    prompt = torch.randint(mcfg.vocab_size, (batch, 32), device=device)
     greedy = SamplingConfig(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
     for _ in generate_tokens(model, prompt, 8, greedy):
         pass
-    torch.cuda.synchronize()
+    _sync(device)
     t0 = time.perf_counter()
     stream = generate_tokens(model, prompt, new_tokens, greedy)
     next(stream)
-    torch.cuda.synchronize()
+    _sync(device)
     t1 = time.perf_counter()
     n = 1 + sum(1 for _ in stream)
-    torch.cuda.synchronize()
+    _sync(device)
     t2 = time.perf_counter()
-    return {"generate_batch": batch, "dtype": "bfloat16", "tok_s": round(batch * (n - 1) / (t2 - t1)),
+    return {"generate_batch": batch, "dtype": str(dtype), "tok_s": round(batch * (n - 1) / (t2 - t1)),
             "first_token_ms": round((t1 - t0) * 1e3, 1)}
 
 
