@@ -12,6 +12,8 @@ AdamW(foreach) step, zero_grad.
   allocator, which is how users run it (config use_cache=False: no KV cache built while training).
 - hf same allocator: the same, after the same `tune_cpu_allocator()` call, which isolates what
   the model code itself is worth from what the allocator setting is worth.
+- ours compiled / hf compiled (full runs, or --compiled): each model under `torch.compile`
+  (inductor, C++ on CPU), stock allocator for HF; the first steps, which compile, are not timed.
 
 mallopt is process-wide, so every measurement runs in its own fresh interpreter; that also makes
 its peak RSS (ru_maxrss) its own. The machine is shared and noisy, so the three kinds run
@@ -51,6 +53,7 @@ CONFIGS = {
                       batch=8, warmup=1, steps=2, rounds=2),
 }
 KINDS = ("ours", "hf_stock", "hf_same_alloc")
+COMPILED = ("ours_compiled", "hf_compiled")  # torch.compile of each (inductor, C++ on CPU); full runs only
 
 
 class RandomBatches:
@@ -75,18 +78,18 @@ class RandomBatches:
         pass
 
 
-def our_step(mcfg, batch: int, out_dir: str):
+def our_step(mcfg, batch: int, out_dir: str, compile: bool = False):
     from babyllama.config import TrainConfig
     from babyllama.model import Llama
     from babyllama.train.loop import Trainer
 
-    tcfg = TrainConfig(batch_size=batch, device="cpu", dtype="float32", compile=False, grad_clip=1.0)
+    tcfg = TrainConfig(batch_size=batch, device="cpu", dtype="float32", compile=compile, grad_clip=1.0)
     trainer = Trainer(Llama(mcfg), mcfg, tcfg, RandomBatches(mcfg.vocab_size, batch, mcfg.max_seq_len),
                       out_dir, progress=False)  # calls tune_cpu_allocator()
     return trainer.train_step, trainer.model.num_params()
 
 
-def hf_step(mcfg, batch: int):
+def hf_step(mcfg, batch: int, compile: bool = False):
     import torch
     import transformers
 
@@ -99,10 +102,11 @@ def hf_step(mcfg, batch: int):
     hf = transformers.LlamaForCausalLM(hf_cfg).to(torch.float32).train()
     opt = torch.optim.AdamW(hf.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
     gen = torch.Generator().manual_seed(0)
+    forward = torch.compile(hf) if compile else hf
 
     def step():
         x = torch.randint(mcfg.vocab_size, (batch, mcfg.max_seq_len), generator=gen)
-        out = hf(input_ids=x, labels=x)
+        out = forward(input_ids=x, labels=x)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         opt.step()
@@ -123,12 +127,14 @@ def worker(kind: str, config: str, threads: int, warmup: int, steps: int) -> dic
     batch = CONFIGS[config].batch
     mcfg = ModelConfig(**CONFIGS[config].shape)
     with tempfile.TemporaryDirectory() as tmp:
-        if kind == "ours":
-            step, params = our_step(mcfg, batch, tmp)
+        if kind.startswith("ours"):
+            step, params = our_step(mcfg, batch, tmp, compile=kind == "ours_compiled")
         else:
             if kind == "hf_same_alloc":
                 tune_cpu_allocator()
-            step, params = hf_step(mcfg, batch)
+            step, params = hf_step(mcfg, batch, compile=kind == "hf_compiled")
+        if kind in COMPILED:
+            warmup += 2  # the first steps compile
         for _ in range(warmup):
             step()
         times = []
@@ -141,12 +147,14 @@ def worker(kind: str, config: str, threads: int, warmup: int, steps: int) -> dic
             "flops_per_token": mcfg.flops_per_token(), "peak_flops": peak, "rss_mb": peak_rss_mb()}
 
 
-def bench_config(config: str, threads: int, rounds: int | None = None, steps: int | None = None, log=print) -> dict:
+def bench_config(config: str, threads: int, rounds: int | None = None, steps: int | None = None, log=print,
+                 compiled: bool = False) -> dict:
     setup = CONFIGS[config]
     warmup, steps, rounds = setup.warmup, steps or setup.steps, rounds or setup.rounds
-    runs: dict[str, list[dict]] = {k: [] for k in KINDS}
+    kinds = KINDS + (COMPILED if compiled else ())
+    runs: dict[str, list[dict]] = {k: [] for k in kinds}
     for r in range(rounds):
-        for kind in KINDS[r % len(KINDS):] + KINDS[:r % len(KINDS)]:  # rotate who goes first
+        for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:  # rotate who goes first
             res = run_worker("bench.train_vs_hf", kind, config, str(threads), str(warmup), str(steps))
             runs[kind].append(res)
             log(f"  {config} round {r + 1}/{rounds} {kind:<13} {res['tokens_per_step'] / median(res['step_s']):8.0f} tok/s"
@@ -170,15 +178,26 @@ def table(results: list[dict], threads: int) -> str:
                      f"{r['mfu']:.0%}", f"{o['rss_mb']:,.0f}", f"{s['rss_mb']:,.0f}", f"{a['rss_mb']:,.0f}"])
     headers = ["config", "params", "ours tok/s", "hf stock tok/s", "hf same-alloc tok/s", "ours/hf stock",
                "ours/hf same-alloc", "ours MFU", "ours RSS MB", "hf stock RSS MB", "hf same-alloc RSS MB"]
-    return (f"Training step, float32, {threads} threads, median of all measured steps "
+    text = (f"Training step, float32, {threads} threads, median of all measured steps "
             f"(each kind in its own process, rounds interleaved)\n\n" + markdown_table(headers, rows))
+    compiled = [r for r in results if "hf_compiled" in r]
+    if compiled:
+        rows = [[r["config"], f"{r['ours_compiled']['tok_s']:,.0f}", f"{r['hf_compiled']['tok_s']:,.0f}",
+                 f"{r['ours_compiled']['tok_s'] / r['hf_compiled']['tok_s']:.2f}x",
+                 f"{r['ours']['tok_s'] / r['hf_compiled']['tok_s']:.2f}x",
+                 f"{r['ours_compiled']['rss_mb']:,.0f}", f"{r['hf_compiled']['rss_mb']:,.0f}"] for r in compiled]
+        text += ("\n\nUnder torch.compile (inductor; compile time not counted)\n\n"
+                 + markdown_table(["config", "ours compiled tok/s", "hf compiled tok/s", "ours compiled/hf compiled",
+                                   "ours eager/hf compiled", "ours compiled RSS MB", "hf compiled RSS MB"], rows))
+    return text
 
 
 def main(quick: bool = False, configs: list[str] | None = None, rounds: int | None = None,
-         threads: int = 2, log=print) -> str:
+         threads: int = 2, log=print, compiled: bool | None = None) -> str:
     configs = configs or (["demo", "tiny"] if quick else list(CONFIGS))
     steps = 2 if quick else None
-    return table([bench_config(c, threads, rounds, steps, log) for c in configs], threads)
+    compiled = (not quick) if compiled is None else compiled
+    return table([bench_config(c, threads, rounds, steps, log, compiled) for c in configs], threads)
 
 
 def cli() -> None:
@@ -188,12 +207,14 @@ def cli() -> None:
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS))
     p.add_argument("--rounds", type=int, help="interleaved rounds per kind (default: 3 demo, 2 original)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=None,
+                   help="also torch.compile both models (default: on in full runs, off with --quick)")
     args = p.parse_args()
     if args.worker:
         kind, config, threads, warmup, steps = args.worker
         emit(worker(kind, config, int(threads), int(warmup), int(steps)))
     else:
-        print(main(args.quick, args.configs, args.rounds, args.threads))
+        print(main(args.quick, args.configs, args.rounds, args.threads, compiled=args.compiled))
 
 
 if __name__ == "__main__":
