@@ -23,6 +23,10 @@ SMALL = ["--preset", "tiny", "--set", "model.dim=64", "--set", "model.n_layers=2
          "--device", "cpu"]
 
 
+TRANSIENT_LAUNCH_ERRORS = ("EADDRINUSE", "address already in use", "RendezvousConnectionError",
+                           "DistNetworkError", "Connection reset by peer")
+
+
 def babyllama(args: list[str], nproc: int = 1, launcher: str = "torchrun") -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if nproc == 1:
@@ -32,8 +36,13 @@ def babyllama(args: list[str], nproc: int = 1, launcher: str = "torchrun") -> No
     else:  # accelerate's multi-process launcher (it sets the same variables as torchrun)
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={nproc}",
                     "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=0"]
-    res = subprocess.run(launcher + ["-m", "babyllama.cli"] + args, env=env, capture_output=True, text=True,
-                         timeout=300)
+    for attempt in range(2):
+        res = subprocess.run(launcher + ["-m", "babyllama.cli"] + args, env=env, capture_output=True, text=True,
+                             timeout=300)
+        # a launcher that lost a race for its rendezvous port is retried once; anything else fails
+        transient = any(m in res.stderr for m in TRANSIENT_LAUNCH_ERRORS)
+        if res.returncode == 0 or not transient or "--resume" in args:
+            break
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
 
 
