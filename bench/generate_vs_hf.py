@@ -93,6 +93,9 @@ def worker(kind: str, config: str, batch: int, new_tokens: int, threads: int, ro
         model.generation_config.eos_token_id = None
         run = hf
     else:
+        from babyllama.infer.decode import prepare_for_decoding
+
+        prepare_for_decoding(model)  # what load_for_inference does for every user
         run = ours
     run(model, prompt, 4)  # warm-up
     ttft, decode = [], []

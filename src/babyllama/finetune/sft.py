@@ -66,7 +66,7 @@ def sft(job: SFTJob) -> dict:
 
     env = distributed_env(pick_device(job.train.device).type)
     show = job.progress and env.is_main
-    model, tok, src_ckpt = load_for_inference(job.ckpt, "cpu")
+    model, tok, src_ckpt = load_for_inference(job.ckpt, "cpu", for_decoding=False)
     if job.dropout is not None and job.dropout != model.config.dropout:
         import dataclasses
 

@@ -167,6 +167,10 @@ class Llama(nn.Module):
             return linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.output_weight, targets.reshape(-1))
         if last_only:
             x = x[:, -1:, :]
+        return self.logits(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The LM head (tied to the embedding or not)."""
         return F.linear(x, self.output_weight)
 
     def new_cache(self, batch_size: int, max_seq_len: int | None = None) -> KVCache:
