@@ -88,23 +88,24 @@ def test_streamer_never_prints_half_a_character(tokenizer):
     assert all("\ufffd" not in p for p in pieces)
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_decoding_layout_gives_the_same_logits_and_tokens(tie):
-    """prepare_for_decoding (transposed weights) against the plain model: same logits for prefill
-    and cached steps, same greedy tokens."""
+@pytest.mark.parametrize("tie,compiled", [(True, True), (False, True), (True, False)])
+def test_decoding_layout_gives_the_same_logits_and_tokens(tie, compiled):
+    """prepare_for_decoding (compiled row dot products, or transposed weights) against the plain
+    model: same logits for prefill and for one-row steps, same greedy tokens."""
     import copy
 
-    from babyllama.infer.decode import TransposedLinear, prepare_for_decoding
+    from babyllama.infer.decode import DecodeLinear, prepare_for_decoding
     from babyllama.model import Llama
 
     torch.manual_seed(0)
     plain = Llama(tiny_model_config(tie_embeddings=tie)).eval()
-    fast = prepare_for_decoding(copy.deepcopy(plain))
+    fast = prepare_for_decoding(copy.deepcopy(plain), compiled=compiled)
     assert not any(isinstance(m, torch.nn.Linear) for m in fast.modules())
-    assert any(isinstance(m, TransposedLinear) for m in fast.modules())
+    assert any(isinstance(m, DecodeLinear) for m in fast.modules())
     tokens = torch.randint(0, 1024, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(fast(tokens), plain(tokens), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast(tokens[:1, :1]), plain(tokens[:1, :1]), rtol=1e-5, atol=1e-5)
     greedy = SamplingConfig(temperature=0, repetition_penalty=1.0)
     a = torch.stack(list(generate_tokens(plain, tokens[:1, :8], 20, greedy)))
     b = torch.stack(list(generate_tokens(fast, tokens[:1, :8], 20, greedy)))
