@@ -40,11 +40,13 @@ def compiler_available() -> bool:
 class DecodeLinear(nn.Module):
     """y = x @ W.T, fast for a single row (see the module docstring)."""
 
+    MIN_COMPILED = 1 << 18  # smaller matrices sit in cache, where BLAS is as fast and has no call overhead
+
     def __init__(self, weight: torch.Tensor, compiled: bool):
         super().__init__()
-        self.compiled = compiled
+        self.compiled = compiled and weight.numel() >= self.MIN_COMPILED
         # compiled: keep (out, in), shared with the source when it is the tied embedding
-        self.register_buffer("weight", weight.detach() if compiled else weight.detach().t().contiguous())
+        self.register_buffer("weight", weight.detach() if self.compiled else weight.detach().t().contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w_t = self.weight.t() if self.compiled else self.weight  # (in, out) view either way
