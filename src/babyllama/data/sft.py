@@ -230,14 +230,18 @@ class SFTBatches:
         shuffled = torch.randperm(len(batches), generator=g).tolist()
         return [i for b in shuffled for i in batches[b]]
 
-    def next_batch(self):
+    def _next_share(self) -> list:
+        """This rank's entries of the next global batch (a new epoch's order when one runs out)."""
         global_batch = self.batch_size * self.world_size
         if self.cursor + global_batch > len(self._order):
             self.epoch, self.cursor = self.epoch + 1, 0
             self._order = self._permutation(self.epoch)
-        chosen = self._order[self.cursor:self.cursor + global_batch][self.rank::self.world_size]
+        share = self._order[self.cursor:self.cursor + global_batch][self.rank::self.world_size]
         self.cursor += global_batch
-        return collate([self.samples[i] for i in chosen], self.pad_id)
+        return share
+
+    def next_batch(self):
+        return collate([self.samples[i] for i in self._next_share()], self.pad_id)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor}
@@ -301,14 +305,8 @@ class PackedSFTBatches(SFTBatches):
         rows = pack_rows(self._lengths, order, self.capacity)
         return [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
 
-    def next_batch(self):
-        global_batch = self.batch_size * self.world_size
-        if self.cursor + global_batch > len(self._order):
-            self.epoch, self.cursor = self.epoch + 1, 0
-            self._order = self._permutation(self.epoch)
-        rows = self._order[self.cursor:self.cursor + global_batch][self.rank::self.world_size]
-        self.cursor += global_batch
-        return collate_packed([[self.samples[i] for i in row] for row in rows], self.pad_id)
+    def next_batch(self):  # entries of the order are rows (lists of sample indices)
+        return collate_packed([[self.samples[i] for i in row] for row in self._next_share()], self.pad_id)
 
 
 def collate_packed(rows: list[list[SFTSample]], pad_id: int):
