@@ -110,3 +110,64 @@ def test_decoding_layout_gives_the_same_logits_and_tokens(tie, compiled):
     a = torch.stack(list(generate_tokens(plain, tokens[:1, :8], 20, greedy)))
     b = torch.stack(list(generate_tokens(fast, tokens[:1, :8], 20, greedy)))
     assert torch.equal(a, b)
+
+
+def test_tensor_positions_in_the_cache_give_the_same_logits():
+    """The fixed-shape cache path (position as a tensor, attention over the whole buffer under a
+    mask) against the growing-slice path, token by token."""
+    model = _model()
+    tokens = torch.randint(0, 1024, (2, 12))
+    a, b = model.new_cache(2, 40), model.new_cache(2, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens[:, :8], cache=a, start_pos=0),
+                                   model(tokens[:, :8], cache=b, start_pos=torch.tensor(0)), rtol=1e-5, atol=1e-5)
+        for pos in range(8, 12):
+            step = tokens[:, pos:pos + 1]
+            torch.testing.assert_close(model(step, cache=a, start_pos=pos),
+                                       model(step, cache=b, start_pos=torch.tensor(pos)), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_decode_step_gives_the_same_tokens():
+    import copy
+
+    from babyllama.infer.decode import DecodeSession, compiler_available, prepare_for_decoding
+
+    if not compiler_available():
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")  # the eager path is tested above
+    plain = _model()
+    fast = prepare_for_decoding(copy.deepcopy(plain), compile_step=True)
+    prompt = torch.randint(0, 1024, (1, 6))
+    a = torch.stack(list(generate_tokens(plain, prompt, 40, GREEDY)))
+    b = torch.stack(list(generate_tokens(fast, prompt, 40, GREEDY)))
+    assert torch.equal(a, b)
+    session = DecodeSession(fast, 1, 10)
+    assert session.compiled and session.cache.max_seq_len == 96  # rounded up to 256, capped at the context
+
+
+def test_compiled_decode_step_falls_back_to_eager_with_a_warning(monkeypatch):
+    import copy
+
+    from babyllama.infer import decode
+
+    def broken(mode):
+        def step(*args):
+            raise RuntimeError("no compiler")
+        return step
+
+    monkeypatch.setattr(decode, "_compiled_one_token", broken)
+    plain = _model()
+    fast = decode.prepare_for_decoding(copy.deepcopy(plain), compiled=False, compile_step=True)
+    prompt = torch.randint(0, 1024, (1, 6))
+    with pytest.warns(UserWarning, match="decoding eagerly"):
+        b = torch.stack(list(generate_tokens(fast, prompt, 20, GREEDY)))
+    assert torch.equal(b, torch.stack(list(generate_tokens(plain, prompt, 20, GREEDY))))
+    assert not fast._compile_decode_step
+
+
+def test_decode_cache_length_is_bucketed():
+    from babyllama.infer.decode import DecodeSession, prepare_for_decoding
+
+    model = prepare_for_decoding(Llama(tiny_model_config(max_seq_len=1024)), compiled=False, compile_step=True)
+    assert [DecodeSession(model, 1, n).cache.max_seq_len for n in (10, 256, 257, 900)] == [256, 256, 512, 1024]
+    eager = prepare_for_decoding(Llama(tiny_model_config(max_seq_len=1024)), compiled=False)
+    assert DecodeSession(eager, 1, 10).cache.max_seq_len == 10  # no compiled step: exactly what is needed

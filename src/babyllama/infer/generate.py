@@ -7,6 +7,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from babyllama.infer.decode import DecodeSession
 from babyllama.infer.sampling import SamplingConfig, sample_next
 
 
@@ -32,8 +33,11 @@ def generate_tokens(model, prompt: torch.Tensor, max_new_tokens: int, sampling: 
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
     tokens = prompt
     finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=device)
-    cache = model.new_cache(prompt.shape[0], prompt.shape[1] + max_new_tokens) if use_cache else None
-    logits = model(prompt, cache=cache, start_pos=0, last_only=True)[:, -1]
+    if use_cache:
+        session = DecodeSession(model, prompt.shape[0], prompt.shape[1] + max_new_tokens)
+        logits = session.prefill(prompt)
+    else:
+        logits = model(prompt, last_only=True)[:, -1]
     for _ in range(max_new_tokens):
         next_ids = sample_next(logits, sampling, context=tokens, generator=generator)
         if eos_id is not None:
@@ -47,7 +51,7 @@ def generate_tokens(model, prompt: torch.Tensor, max_new_tokens: int, sampling: 
         if pos + 1 >= prompt.shape[1] + max_new_tokens:
             return
         if use_cache:
-            logits = model(next_ids[:, None], cache=cache, start_pos=pos, last_only=True)[:, -1]
+            logits = session.step(next_ids, pos)
         else:
             logits = model(tokens, last_only=True)[:, -1]
 

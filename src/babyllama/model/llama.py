@@ -49,18 +49,14 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        causal = mask is None
         if cache is not None:
-            k, v = cache.update(layer, start_pos, k, v)
-            if start_pos > 0:
-                causal = False
-                if T > 1:  # new queries see all cached positions and the new ones up to themselves
-                    total = start_pos + T
-                    mask = torch.ones(T, total, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
+            k, v, mask = cache.update(layer, start_pos, k, v)
+        # no mask: causal when queries and keys are the same positions; one query after a cache sees all
+        causal = mask is None and k.shape[2] == T
         if self.n_kv_heads != self.n_heads:
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                              dropout_p=self.dropout if self.training else 0.0)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -135,7 +131,7 @@ class Llama(nn.Module):
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None, start_pos: int = 0, last_only: bool = False,
+                cache: KVCache | None = None, start_pos: int | torch.Tensor = 0, last_only: bool = False,
                 segments: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (batch, seq) -> logits (batch, seq, vocab), or the summed loss when targets are given.
 
@@ -148,7 +144,7 @@ class Llama(nn.Module):
         packed document is computed exactly as if it were alone.
         """
         T = tokens.shape[1]
-        if start_pos + T > self.config.max_seq_len:
+        if not isinstance(start_pos, torch.Tensor) and start_pos + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} positions exceeds max_seq_len={self.config.max_seq_len}")
         mask = None
         if segments is not None:
@@ -156,6 +152,9 @@ class Llama(nn.Module):
                 raise ValueError("segments (packed sequences) are for training, not for cached generation")
             positions, mask = segment_positions_and_mask(segments)
             cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+        elif isinstance(start_pos, torch.Tensor):  # a compiled decode step: positions as data, not shapes
+            positions = start_pos + torch.arange(T, device=tokens.device)
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         else:
             cos = self.rope_cos[start_pos:start_pos + T]
             sin = self.rope_sin[start_pos:start_pos + T]
