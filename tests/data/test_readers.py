@@ -104,3 +104,29 @@ def test_shared_samples_parse():
     tnews = needs_shared("pretrain/tnews_unlabeled.jsonl")
     n = sum(1 for _ in iter_documents(tnews))  # auto layout finds "sentence"
     assert n > 19000
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n"])
+def test_chunk_size_never_changes_documents_or_line_numbers(tmp_path, ending):
+    """Chunks are byte blocks cut at line ends (paragraphs: at blank lines); any chunk size must give
+    the documents of one whole-file chunk, and errors must name the same line."""
+    from babyllama.data.readers import parse_chunk, read_chunks
+
+    paras = [ending.join(f"第{p}段第{i}行" for i in range(p % 4 + 1)) for p in range(60)]
+    text = tmp_path / "a.txt"
+    text.write_bytes(((ending * 2).join(paras)).encode("utf-8"))  # no final newline
+    jsonl = tmp_path / "a.jsonl"
+    rows = [json.dumps({"text": f"文档{i}" * (i % 7 + 1)}, ensure_ascii=False) for i in range(200)]
+    jsonl.write_bytes(ending.join(rows[:150] + ["{broken"] + rows[150:]).encode("utf-8"))
+
+    def chunked(path, layout, size):
+        return [d for c in read_chunks(path, layout, size) for d in parse_chunk(c, "skip", ReadStats())]
+
+    for path, layout in ((text, "lines"), (text, "paragraphs"), (jsonl, "text")):
+        whole = chunked(path, layout, 1 << 30)
+        for size in (1, 7, 64, 500):
+            assert chunked(path, layout, size) == whole, (layout, size)
+    assert len(chunked(text, "paragraphs", 1 << 30)) == 60
+    for size in (1, 100, 1 << 30):
+        with pytest.raises(DataError, match=r"a.jsonl: line 151: malformed JSON"):
+            [parse_chunk(c) for c in read_chunks(jsonl, "text", size)]

@@ -7,9 +7,11 @@ Layout of the output directory:
     train-00000.bin ...    uint16 (uint32 when the vocabulary needs it) tokens, doc EOS doc EOS ...
     val-00000.bin ...      the validation split, chosen per document by a hash of its text
 
-The main process reads raw chunks (about 1 MB each) and writes results in input order; workers
-decode, parse, clean and encode. At most 2 x workers chunks are in flight, so memory stays flat
-whatever the corpus size, and the bytes written do not depend on the number of workers.
+The main process cuts the input into chunks (about 1 MB; for text and JSON lines only the byte
+ranges, which the workers read themselves) and writes results in input order; workers read, decode,
+parse, clean and encode. At most 4 x workers chunks are in flight (enough that a worker never waits
+for the busy main process to hand it the next one), so memory stays flat whatever the corpus size,
+and the bytes written do not depend on the number of workers.
 """
 
 from __future__ import annotations
@@ -170,7 +172,7 @@ def _results(cfg: PrepareConfig, tokenizer_dir: str, exclude: frozenset) -> Iter
         pending: deque = deque()
         for chunk in _all_chunks(cfg):
             pending.append(pool.apply_async(_encode_chunk, (chunk,)))
-            if len(pending) >= 2 * cfg.workers:
+            if len(pending) >= 4 * cfg.workers:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()

@@ -142,14 +142,31 @@ def strip_pos_tags(line: str) -> str:
 
 @dataclass
 class RawChunk:
-    """A slice of one source: raw lines (text / JSON lines) or parsed records (JSON array / Parquet)."""
+    """A slice of one source. Text and JSON lines: a byte range of whole lines, which the worker reads
+    itself (the main process passes no text around). JSON arrays and Parquet: the parsed records."""
 
     source: str
     container: str
     layout: str
-    start: int  # 1-based line number (text, jsonl) or record number (json, parquet) of items[0]
-    items: list
-    nbytes: int = 0  # size in the file, for progress
+    start: int | None  # 1-based number of the first line or record; lines: counted only if an error needs it
+    items: list  # json, parquet: the records; text, jsonl: empty (read from offset)
+    nbytes: int = 0  # size in the file
+    offset: int = 0  # text, jsonl: where the byte range starts
+
+    def first_line(self) -> int:
+        if self.start is None:  # count the newlines before the range: only on the way to an error message
+            with open(self.source, "rb") as f:
+                newlines, left = 0, self.offset
+                while left and (block := f.read(min(left, 1 << 24))):
+                    newlines += block.count(b"\n")
+                    left -= len(block)
+            self.start = newlines + 1
+        return self.start
+
+    def read(self) -> bytes:
+        with open(self.source, "rb") as f:
+            f.seek(self.offset)
+            return f.read(self.nbytes)
 
 
 def read_chunks(path: str | Path, layout: str = "auto", chunk_bytes: int = 1 << 20) -> Iterator[RawChunk]:
@@ -170,19 +187,21 @@ def read_chunks(path: str | Path, layout: str = "auto", chunk_bytes: int = 1 << 
 
 
 def _line_chunks(path: Path, container: str, layout: str, chunk_bytes: int) -> Iterator[RawChunk]:
+    """Byte ranges of whole lines. The main process only finds where each range ends; the workers
+    read, decode and split it, so adding workers is not held back by the main process or by pushing
+    the text through pipes."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        items: list[bytes] = []
-        size, start, line_no = 0, 1, 0
-        for line in f:
-            line_no += 1
-            items.append(line)
-            size += len(line)
-            # paragraphs must not be cut between chunks: only cut on a blank line
-            if size >= chunk_bytes and (layout != "paragraphs" or not line.strip()):
-                yield RawChunk(str(path), container, layout, start, items, size)
-                items, size, start = [], 0, line_no + 1
-        if items:
-            yield RawChunk(str(path), container, layout, start, items, size)
+        offset = 0
+        while offset < size:
+            f.seek(min(offset + chunk_bytes, size))
+            f.readline()  # finish the line
+            if layout == "paragraphs":  # a paragraph must not be cut between chunks: end after a blank line
+                while (line := f.readline()) and line.strip():
+                    pass
+            end = min(f.tell(), size)
+            yield RawChunk(str(path), container, layout, 1 if offset == 0 else None, [], end - offset, offset)
+            offset = end
 
 
 def _json_array_chunks(path: Path, layout: str, chunk_bytes: int) -> Iterator[RawChunk]:
@@ -254,7 +273,7 @@ def parse_chunk(chunk: RawChunk, on_error: str = "raise", stats: ReadStats | Non
     docs: list[str] = []
 
     def bad(index: int, why: str) -> None:
-        where = f"{chunk.source}: {where_unit} {chunk.start + index}"
+        where = f"{chunk.source}: {where_unit} {chunk.first_line() + index}"
         if on_error == "skip":
             stats.skip(where, why)
         else:
@@ -271,15 +290,18 @@ def parse_chunk(chunk: RawChunk, on_error: str = "raise", stats: ReadStats | Non
             stats.characters += len(text)
 
     if chunk.container in ("text", "jsonl"):
-        lines: list[str] = []
-        for i, raw in enumerate(chunk.items):
-            try:
-                lines.append(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                # the wrong encoding is a property of the file, not of one line: never skip it
-                raise DataError(f"{chunk.source}: line {chunk.start + i}: not valid UTF-8 "
-                                f"(is it GBK? convert it: iconv -f gbk -t utf-8)") from None
-        if chunk.start == 1 and lines:
+        data = chunk.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            # the wrong encoding is a property of the file, not of one line: never skip it
+            line_no = chunk.first_line() + data.count(b"\n", 0, e.start)
+            raise DataError(f"{chunk.source}: line {line_no}: not valid UTF-8 "
+                            f"(is it GBK? convert it: iconv -f gbk -t utf-8)") from None
+        lines = text.split("\n")  # only \n, as when iterating over the file (not str.splitlines)
+        if text.endswith("\n"):
+            lines.pop()
+        if chunk.offset == 0 and lines:
             lines[0] = lines[0].lstrip("\ufeff")
         if chunk.container == "text":
             _parse_text_lines(lines, chunk.layout, add)
@@ -299,7 +321,7 @@ def parse_chunk(chunk: RawChunk, on_error: str = "raise", stats: ReadStats | Non
                 except (KeyError, TypeError) as e:
                     bad(i, f"record has no {e} field for layout '{chunk.layout}'")
                 except DataError as e:
-                    raise DataError(f"{chunk.source}: line {chunk.start + i}: {e}") from None
+                    raise DataError(f"{chunk.source}: line {chunk.first_line() + i}: {e}") from None
     else:
         extract = None
         for i, rec in enumerate(chunk.items):
