@@ -148,20 +148,10 @@ class RawChunk:
     source: str
     container: str
     layout: str
-    start: int | None  # 1-based number of the first line or record; lines: counted only if an error needs it
+    start: int  # 1-based line number (text, jsonl) or record number (json, parquet) of the first item
     items: list  # json, parquet: the records; text, jsonl: empty (read from offset)
     nbytes: int = 0  # size in the file
     offset: int = 0  # text, jsonl: where the byte range starts
-
-    def first_line(self) -> int:
-        if self.start is None:  # count the newlines before the range: only on the way to an error message
-            with open(self.source, "rb") as f:
-                newlines, left = 0, self.offset
-                while left and (block := f.read(min(left, 1 << 24))):
-                    newlines += block.count(b"\n")
-                    left -= len(block)
-            self.start = newlines + 1
-        return self.start
 
     def read(self) -> bytes:
         with open(self.source, "rb") as f:
@@ -187,21 +177,23 @@ def read_chunks(path: str | Path, layout: str = "auto", chunk_bytes: int = 1 << 
 
 
 def _line_chunks(path: Path, container: str, layout: str, chunk_bytes: int) -> Iterator[RawChunk]:
-    """Byte ranges of whole lines. The main process only finds where each range ends; the workers
-    read, decode and split it, so adding workers is not held back by the main process or by pushing
-    the text through pipes."""
-    size = path.stat().st_size
+    """Byte ranges of whole lines. The main process only finds where each range ends and counts its
+    newlines (for line numbers in messages); the workers read, decode and split it, so adding
+    workers is not held back by the main process or by pushing the text through pipes."""
     with open(path, "rb") as f:
-        offset = 0
-        while offset < size:
-            f.seek(min(offset + chunk_bytes, size))
-            f.readline()  # finish the line
+        offset, start = 0, 1
+        while block := f.read(chunk_bytes):
+            parts = [block]
+            if not block.endswith(b"\n"):
+                parts.append(f.readline())  # finish the line
             if layout == "paragraphs":  # a paragraph must not be cut between chunks: end after a blank line
-                while (line := f.readline()) and line.strip():
-                    pass
-            end = min(f.tell(), size)
-            yield RawChunk(str(path), container, layout, 1 if offset == 0 else None, [], end - offset, offset)
-            offset = end
+                last = block[block.rfind(b"\n", 0, len(block) - 1) + 1:] + b"".join(parts[1:])  # whole last line
+                while last.strip() and (last := f.readline()):
+                    parts.append(last)
+            nbytes = sum(map(len, parts))
+            yield RawChunk(str(path), container, layout, start, [], nbytes, offset)
+            offset += nbytes
+            start += sum(p.count(b"\n") for p in parts)
 
 
 def _json_array_chunks(path: Path, layout: str, chunk_bytes: int) -> Iterator[RawChunk]:
@@ -273,7 +265,7 @@ def parse_chunk(chunk: RawChunk, on_error: str = "raise", stats: ReadStats | Non
     docs: list[str] = []
 
     def bad(index: int, why: str) -> None:
-        where = f"{chunk.source}: {where_unit} {chunk.first_line() + index}"
+        where = f"{chunk.source}: {where_unit} {chunk.start + index}"
         if on_error == "skip":
             stats.skip(where, why)
         else:
@@ -295,7 +287,7 @@ def parse_chunk(chunk: RawChunk, on_error: str = "raise", stats: ReadStats | Non
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
             # the wrong encoding is a property of the file, not of one line: never skip it
-            line_no = chunk.first_line() + data.count(b"\n", 0, e.start)
+            line_no = chunk.start + data.count(b"\n", 0, e.start)
             raise DataError(f"{chunk.source}: line {line_no}: not valid UTF-8 "
                             f"(is it GBK? convert it: iconv -f gbk -t utf-8)") from None
         lines = text.split("\n")  # only \n, as when iterating over the file (not str.splitlines)
@@ -321,7 +313,7 @@ def parse_chunk(chunk: RawChunk, on_error: str = "raise", stats: ReadStats | Non
                 except (KeyError, TypeError) as e:
                     bad(i, f"record has no {e} field for layout '{chunk.layout}'")
                 except DataError as e:
-                    raise DataError(f"{chunk.source}: line {chunk.first_line() + i}: {e}") from None
+                    raise DataError(f"{chunk.source}: line {chunk.start + i}: {e}") from None
     else:
         extract = None
         for i, rec in enumerate(chunk.items):
