@@ -35,6 +35,10 @@ def test_pretrain_resume_and_generate(pipeline, capsys):
     assert main(["generate", "--ckpt", str(root / "run"), "--prompt", "中国", "--max-new-tokens", "10", "--seed", "1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("中国") and len(out.strip()) > 2
+    greedy = ["generate", "--ckpt", str(root / "run"), "--prompt", "中国", "--max-new-tokens", "10", "--temperature", "0"]
+    assert main(greedy) == 0
+    default = capsys.readouterr().out
+    assert main(greedy + ["--no-compile"]) == 0 and capsys.readouterr().out == default
 
 
 def test_user_errors_are_one_line(pipeline, tmp_path, capsys):

@@ -104,10 +104,11 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 200, samp
                        (tokenizer.eos_id,) if stop_at_eos else (), on_text)
 
 
-def load_for_inference(path: str | Path, device: str = "auto", for_decoding: bool = True):
+def load_for_inference(path: str | Path, device: str = "auto", for_decoding: bool = True,
+                       compile_step: bool | None = None):
     """(model, tokenizer, checkpoint dir) from a run directory or a checkpoint directory.
     `for_decoding` lays the weights out for fast generation (infer/decode.py); pass False to get
-    the plain, trainable model."""
+    the plain, trainable model. `compile_step`: see `prepare_for_decoding` (None: by model size)."""
     from babyllama.infer.decode import prepare_for_decoding
     from babyllama.tokenizer import load_tokenizer
     from babyllama.train.checkpoint import load_model
@@ -115,7 +116,7 @@ def load_for_inference(path: str | Path, device: str = "auto", for_decoding: boo
 
     model, ckpt = load_model(path, pick_device(device))
     if for_decoding:
-        prepare_for_decoding(model)
+        prepare_for_decoding(model, compile_step=compile_step)
     for candidate in (ckpt / "tokenizer", ckpt.parent.parent / "tokenizer", Path(path) / "tokenizer"):
         if candidate.is_dir():
             return model, load_tokenizer(candidate), ckpt
