@@ -142,6 +142,13 @@ def test_compiled_decode_step_gives_the_same_tokens():
     assert torch.equal(a, b)
     session = DecodeSession(fast, 1, 10)
     assert session.compiled and session.cache.max_seq_len == 96  # rounded up to 256, capped at the context
+    session.close()
+    # a later reply reuses the cache an earlier one handed back; what that one left there is never read
+    spare = fast._spare_decode_cache[1]
+    other = torch.randint(0, 1024, (1, 3))
+    c = torch.stack(list(generate_tokens(fast, other, 30, GREEDY)))
+    assert fast._spare_decode_cache[1] is spare
+    assert torch.equal(c, torch.stack(list(generate_tokens(plain, other, 30, GREEDY))))
 
 
 def test_compiled_decode_step_falls_back_to_eager_with_a_warning(monkeypatch):

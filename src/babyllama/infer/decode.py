@@ -137,19 +137,34 @@ class DecodeSession:
 
     The step is compiled when `prepare_for_decoding` chose so; otherwise (and if compiling fails,
     with a warning) it is the plain model call. Both give the same tokens (tested).
+
+    A compiled session hands its cache back to the model on `close()`, and the next session of the
+    same shape reuses it: no fresh allocation per reply, and on a GPU the CUDA graph keeps its
+    addresses. Positions past the one being decoded are masked, so what an earlier reply left there
+    is never read. Sessions that run at the same time each get their own cache.
     """
 
     def __init__(self, model: nn.Module, batch_size: int, length: int):
         self.model = model
         self.compiled = getattr(model, "_compile_decode_step", False)
-        if self.compiled:  # fixed shapes per graph: round the length up so few graphs serve all lengths
-            length = min(max(256, 1 << (length - 1).bit_length()), model.config.max_seq_len)
-        self.cache = model.new_cache(batch_size, length)
+        if not self.compiled:
+            self.cache = model.new_cache(batch_size, length)
+            self.device, self.mode = self.cache.keys[0].device, None
+            return
+        # fixed shapes per graph: round the length up so few graphs serve all lengths
+        self.key = (batch_size, min(max(256, 1 << (length - 1).bit_length()), model.config.max_seq_len))
+        spare = model.__dict__.pop("_spare_decode_cache", None)
+        reused = spare is not None and spare[0] == self.key
+        self.cache = spare[1] if reused else model.new_cache(*self.key)
         self.device = self.cache.keys[0].device
         self.mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs on GPUs
-        if self.compiled and self.mode:
+        if self.mode and not reused:
             for t in self.cache.keys + self.cache.values:  # updated in place: CUDA graphs need fixed addresses
                 torch._dynamo.mark_static_address(t)
+
+    def close(self) -> None:
+        if self.compiled:
+            object.__setattr__(self.model, "_spare_decode_cache", (self.key, self.cache))
 
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
         return self.model(prompt, cache=self.cache, start_pos=0, last_only=True)[:, -1]

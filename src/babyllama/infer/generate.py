@@ -33,27 +33,25 @@ def generate_tokens(model, prompt: torch.Tensor, max_new_tokens: int, sampling: 
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
     tokens = prompt
     finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=device)
-    if use_cache:
-        session = DecodeSession(model, prompt.shape[0], prompt.shape[1] + max_new_tokens)
-        logits = session.prefill(prompt)
-    else:
-        logits = model(prompt, last_only=True)[:, -1]
-    for _ in range(max_new_tokens):
-        next_ids = sample_next(logits, sampling, context=tokens, generator=generator)
-        if eos_id is not None:
-            next_ids = torch.where(finished, torch.full_like(next_ids, eos_id), next_ids)
-            finished |= next_ids == eos_id
-        yield next_ids
-        if eos_id is not None and bool(finished.all()):
-            return
-        pos = tokens.shape[1]
-        tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
-        if pos + 1 >= prompt.shape[1] + max_new_tokens:
-            return
-        if use_cache:
-            logits = session.step(next_ids, pos)
-        else:
-            logits = model(tokens, last_only=True)[:, -1]
+    session = DecodeSession(model, prompt.shape[0], prompt.shape[1] + max_new_tokens) if use_cache else None
+    try:
+        logits = session.prefill(prompt) if session else model(prompt, last_only=True)[:, -1]
+        for _ in range(max_new_tokens):
+            next_ids = sample_next(logits, sampling, context=tokens, generator=generator)
+            if eos_id is not None:
+                next_ids = torch.where(finished, torch.full_like(next_ids, eos_id), next_ids)
+                finished |= next_ids == eos_id
+            yield next_ids
+            if eos_id is not None and bool(finished.all()):
+                return
+            pos = tokens.shape[1]
+            tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
+            if pos + 1 >= prompt.shape[1] + max_new_tokens:
+                return
+            logits = session.step(next_ids, pos) if session else model(tokens, last_only=True)[:, -1]
+    finally:  # also when the caller stops early (a stop token): the cache goes back for the next reply
+        if session:
+            session.close()
 
 
 class TextStreamer:
