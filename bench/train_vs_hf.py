@@ -14,6 +14,9 @@ AdamW(foreach) step, zero_grad.
   the model code itself is worth from what the allocator setting is worth.
 - ours compiled / hf compiled (full runs, or --compiled): each model under `torch.compile`
   (inductor, C++ on CPU), stock allocator for HF; the first steps, which compile, are not timed.
+- ours bf16 / hf bf16 (full runs on CPUs with bf16 units, or --bf16): both steps under bf16 autocast
+  (float32 weights and optimizer), the precision `--dtype auto` picks on such CPUs; HF with the stock
+  allocator, as `Trainer(bf16=True)` users run it. Their MFU divides by the measured bf16 peak.
 
 mallopt is process-wide, so every measurement runs in its own fresh interpreter; that also makes
 its peak RSS (ru_maxrss) its own. The machine is shared and noisy, so the three kinds run
@@ -56,6 +59,7 @@ CONFIGS = {
 }
 KINDS = ("ours", "hf_stock", "hf_same_alloc")
 COMPILED = ("ours_compiled", "hf_compiled")  # torch.compile of each (inductor, C++ on CPU); full runs only
+BF16 = ("ours_bf16", "hf_bf16")  # bf16 autocast; full runs on CPUs with bf16 units only
 
 
 class RandomBatches:
@@ -80,18 +84,18 @@ class RandomBatches:
         pass
 
 
-def our_step(mcfg, batch: int, out_dir: str, compile: bool = False):
+def our_step(mcfg, batch: int, out_dir: str, compile: bool = False, dtype: str = "float32"):
     from babyllama.config import TrainConfig
     from babyllama.model import Llama
     from babyllama.train.loop import Trainer
 
-    tcfg = TrainConfig(batch_size=batch, device="cpu", dtype="float32", compile=compile, grad_clip=1.0)
+    tcfg = TrainConfig(batch_size=batch, device="cpu", dtype=dtype, compile=compile, grad_clip=1.0)
     trainer = Trainer(Llama(mcfg), mcfg, tcfg, RandomBatches(mcfg.vocab_size, batch, mcfg.max_seq_len),
                       out_dir, progress=False)  # calls tune_cpu_allocator()
     return trainer.train_step, trainer.model.num_params()
 
 
-def hf_step(mcfg, batch: int, compile: bool = False):
+def hf_step(mcfg, batch: int, compile: bool = False, bf16: bool = False):
     import torch
     import transformers
 
@@ -108,7 +112,8 @@ def hf_step(mcfg, batch: int, compile: bool = False):
 
     def step():
         x = torch.randint(mcfg.vocab_size, (batch, mcfg.max_seq_len), generator=gen)
-        out = forward(input_ids=x, labels=x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = forward(input_ids=x, labels=x)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         opt.step()
@@ -130,11 +135,12 @@ def worker(kind: str, config: str, threads: int, warmup: int, steps: int) -> dic
     mcfg = ModelConfig(**CONFIGS[config].shape)
     with tempfile.TemporaryDirectory() as tmp:
         if kind.startswith("ours"):
-            step, params = our_step(mcfg, batch, tmp, compile=kind == "ours_compiled")
+            step, params = our_step(mcfg, batch, tmp, compile=kind == "ours_compiled",
+                                    dtype="bfloat16" if kind in BF16 else "float32")
         else:
             if kind == "hf_same_alloc":
                 tune_cpu_allocator()
-            step, params = hf_step(mcfg, batch, compile=kind == "hf_compiled")
+            step, params = hf_step(mcfg, batch, compile=kind == "hf_compiled", bf16=kind in BF16)
         if kind in COMPILED:
             warmup += 2  # the first steps compile
         for _ in range(warmup):
@@ -144,16 +150,16 @@ def worker(kind: str, config: str, threads: int, warmup: int, steps: int) -> dic
             t = time.perf_counter()
             step()
             times.append(time.perf_counter() - t)
-    peak = peak_flops(torch.device("cpu"), torch.float32)
+    peak = peak_flops(torch.device("cpu"), torch.bfloat16 if kind in BF16 else torch.float32)
     return {"kind": kind, "params": params, "step_s": times, "tokens_per_step": batch * mcfg.max_seq_len,
             "flops_per_token": mcfg.flops_per_token(), "peak_flops": peak, "rss_mb": peak_rss_mb()}
 
 
 def bench_config(config: str, threads: int, rounds: int | None = None, steps: int | None = None, log=print,
-                 compiled: bool = False) -> dict:
+                 compiled: bool = False, bf16: bool = False) -> dict:
     setup = CONFIGS[config]
     warmup, steps, rounds = setup.warmup, steps or setup.steps, rounds or setup.rounds
-    kinds = KINDS + (COMPILED if compiled else ())
+    kinds = KINDS + (COMPILED if compiled else ()) + (BF16 if bf16 else ())
     runs: dict[str, list[dict]] = {k: [] for k in kinds}
     for r in range(rounds):
         for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:  # rotate who goes first
@@ -166,8 +172,10 @@ def bench_config(config: str, threads: int, rounds: int | None = None, steps: in
         tokens = results[0]["tokens_per_step"]
         out[kind] = {"tok_s": tokens / median([t for r in results for t in r["step_s"]]),
                      "rss_mb": max(r["rss_mb"] for r in results), "params": results[0]["params"]}
-    ours = runs["ours"]
-    out["mfu"] = out["ours"]["tok_s"] * ours[0]["flops_per_token"] / median([r["peak_flops"] for r in ours])
+    for kind in ("ours", "ours_bf16"):
+        if kind in runs:
+            ours = runs[kind]
+            out[kind]["mfu"] = out[kind]["tok_s"] * ours[0]["flops_per_token"] / median([r["peak_flops"] for r in ours])
     return out
 
 
@@ -177,7 +185,7 @@ def table(results: list[dict], threads: int) -> str:
         o, s, a = r["ours"], r["hf_stock"], r["hf_same_alloc"]
         rows.append([r["config"], f"{o['params'] / 1e6:.1f}M", f"{o['tok_s']:,.0f}", f"{s['tok_s']:,.0f}",
                      f"{a['tok_s']:,.0f}", f"{o['tok_s'] / s['tok_s']:.2f}x", f"{o['tok_s'] / a['tok_s']:.2f}x",
-                     f"{r['mfu']:.0%}", f"{o['rss_mb']:,.0f}", f"{s['rss_mb']:,.0f}", f"{a['rss_mb']:,.0f}"])
+                     f"{o['mfu']:.0%}", f"{o['rss_mb']:,.0f}", f"{s['rss_mb']:,.0f}", f"{a['rss_mb']:,.0f}"])
     headers = ["config", "params", "ours tok/s", "hf stock tok/s", "hf same-alloc tok/s", "ours/hf stock",
                "ours/hf same-alloc", "ours MFU", "ours RSS MB", "hf stock RSS MB", "hf same-alloc RSS MB"]
     text = (f"Training step, float32, {threads} threads, median of all measured steps "
@@ -191,15 +199,29 @@ def table(results: list[dict], threads: int) -> str:
         text += ("\n\nUnder torch.compile (inductor; compile time not counted)\n\n"
                  + markdown_table(["config", "ours compiled tok/s", "hf compiled tok/s", "ours compiled/hf compiled",
                                    "ours eager/hf compiled", "ours compiled RSS MB", "hf compiled RSS MB"], rows))
+    with_bf16 = [r for r in results if "hf_bf16" in r]
+    if with_bf16:
+        rows = [[r["config"], f"{r['ours_bf16']['tok_s']:,.0f}", f"{r['hf_bf16']['tok_s']:,.0f}",
+                 f"{r['ours_bf16']['tok_s'] / r['hf_bf16']['tok_s']:.2f}x",
+                 f"{r['ours_bf16']['tok_s'] / r['ours']['tok_s']:.2f}x", f"{r['ours_bf16']['mfu']:.0%}",
+                 f"{r['ours_bf16']['rss_mb']:,.0f}", f"{r['hf_bf16']['rss_mb']:,.0f}"] for r in with_bf16]
+        text += ("\n\nUnder bf16 autocast (this CPU has bf16 units, so `--dtype auto` trains in bf16; MFU against "
+                 "the measured bf16 matmul peak)\n\n"
+                 + markdown_table(["config", "ours bf16 tok/s", "hf bf16 tok/s", "ours/hf bf16",
+                                   "ours bf16/ours float32", "ours bf16 MFU", "ours bf16 RSS MB",
+                                   "hf bf16 RSS MB"], rows))
     return text
 
 
 def main(quick: bool = False, configs: list[str] | None = None, rounds: int | None = None,
-         threads: int = 2, log=print, compiled: bool | None = None) -> str:
+         threads: int = 2, log=print, compiled: bool | None = None, bf16: bool | None = None) -> str:
+    from babyllama.train.runtime import cpu_has_fast_bf16
+
     configs = configs or (["demo", "tiny"] if quick else list(CONFIGS))
     steps = 2 if quick else None
     compiled = (not quick) if compiled is None else compiled
-    return table([bench_config(c, threads, rounds, steps, log, compiled) for c in configs], threads)
+    bf16 = (not quick and cpu_has_fast_bf16()) if bf16 is None else bf16
+    return table([bench_config(c, threads, rounds, steps, log, compiled, bf16) for c in configs], threads)
 
 
 def cli() -> None:
@@ -211,12 +233,14 @@ def cli() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=None,
                    help="also torch.compile both models (default: on in full runs, off with --quick)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="also both models under bf16 autocast (default: on in full runs on CPUs with bf16 units)")
     args = p.parse_args()
     if args.worker:
         kind, config, threads, warmup, steps = args.worker
         emit(worker(kind, config, int(threads), int(warmup), int(steps)))
     else:
-        print(main(args.quick, args.configs, args.rounds, args.threads, compiled=args.compiled))
+        print(main(args.quick, args.configs, args.rounds, args.threads, compiled=args.compiled, bf16=args.bf16))
 
 
 if __name__ == "__main__":

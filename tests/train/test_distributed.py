@@ -17,10 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+# float32 everywhere: these tests compare world sizes to float32 tolerances, and bf16 rounding (what
+# `--dtype auto` picks on CPUs with bf16 units) depends on each rank's batch shape.
 SMALL = ["--preset", "tiny", "--set", "model.dim=64", "--set", "model.n_layers=2", "--set", "model.n_heads=2",
          "--set", "model.max_seq_len=32", "--max-steps", "6", "--set", "train.warmup_steps=2",
          "--set", "train.eval_interval=3", "--set", "train.eval_batches=2", "--set", "train.log_interval=1",
-         "--device", "cpu"]
+         "--device", "cpu", "--dtype", "float32"]
 
 
 TRANSIENT_LAUNCH_ERRORS = ("EADDRINUSE", "address already in use", "RendezvousConnectionError",
