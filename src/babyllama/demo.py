@@ -47,16 +47,20 @@ def calibrate_steps(cfg, minutes: float) -> int:
 
     from babyllama.model import Llama
     from babyllama.train.optim import build_optimizer
-    from babyllama.train.runtime import tune_cpu_allocator
+    from babyllama.train.runtime import autocast_context, pick_dtype, tune_cpu_allocator
 
     tune_cpu_allocator()
+    cpu = torch.device("cpu")
+    dtype = pick_dtype(cfg.train.dtype, cpu)  # time the steps in the dtype the run will train in
     model = Llama(cfg.model)
     opt = build_optimizer(model, cfg.train, "cpu")
     shape = (cfg.train.batch_size, cfg.model.max_seq_len)
     x = torch.randint(0, cfg.model.vocab_size, shape)
 
     def step():
-        (model(x, x) / x.numel()).backward()
+        with autocast_context(cpu, dtype):
+            loss = model(x, x) / x.numel()
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
