@@ -18,7 +18,8 @@ trained once for the run.
 
 All rates divide the same character count (the cleaned documents). Each run is a fresh process, so
 its peak RSS (ru_maxrss) is its own; with 2 workers the largest pool worker is shown as well. Methods
-run interleaved for a few rounds on this noisy shared machine; the table shows medians.
+run interleaved for a few rounds on this noisy shared machine; the table shows medians, and each
+ratio is the median of the rounds' own ratios (methods in one round share the machine's state).
 
     python -m bench.data_prep [--quick] [--rounds N]
 """
@@ -126,16 +127,23 @@ def main(quick: bool = False, rounds: int | None = None, log=print) -> str:
         raise RuntimeError(f"methods saw different character counts: {sorted(chars)}")
     n = chars.pop()
     rate = {m: n / median([r["seconds"] for r in rs]) for m, rs in runs.items()}
+
+    def ratio(a: str, b: str) -> float:
+        # within each round the methods ran back to back, so a round's ratio cancels most of a busy
+        # neighbour's effect; the median of the rounds' ratios is steadier than a ratio of medians
+        return median([rb["seconds"] / ra["seconds"] for ra, rb in zip(runs[a], runs[b])])
+
     rows = []
     for m in METHODS:
         rss = max(r["rss_mb"] for r in runs[m])
         worker_rss = f"{max(r['child_rss_mb'] for r in runs[m]):,.0f}" if m == "prepare_w2" else "-"
-        rows.append([LABELS[m], f"{rate[m] / 1e6:.2f}M", f"{rate[m] / rate['raw_encode']:.2f}x",
+        rows.append([LABELS[m], f"{rate[m] / 1e6:.2f}M", f"{ratio(m, 'raw_encode'):.2f}x",
                      f"{rss:,.0f}", worker_rss])
     return (f"Data preparation, built-in corpus ({n / 1e6:.1f}M characters), sentencepiece BPE 8192, "
-            f"median of {rounds} rounds, each run in its own process\n\n"
+            f"{rounds} interleaved rounds, each run in its own process (chars/s: median; ratios: median of "
+            f"the rounds' ratios)\n\n"
             + markdown_table(["method", "chars/s", "vs raw encode", "peak RSS MB", "largest worker RSS MB"], rows)
-            + f"\n\nprepare_pretrain speedup, 2 workers / 1 worker: {rate['prepare_w2'] / rate['prepare_w1']:.2f}x")
+            + f"\n\nprepare_pretrain speedup, 2 workers / 1 worker: {ratio('prepare_w2', 'prepare_w1'):.2f}x")
 
 
 def cli() -> None:

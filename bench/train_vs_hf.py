@@ -29,6 +29,8 @@ over all measured steps of all rounds. MFU = tokens/s x cfg.flops_per_token / me
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import tempfile
 import time
 from typing import NamedTuple
@@ -213,10 +215,16 @@ def table(results: list[dict], threads: int) -> str:
     return text
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Asked in a child process: importing torch here would raise every worker's ru_maxrss
+    (see bench.common.run_worker)."""
+    code = "from babyllama.train.runtime import cpu_has_fast_bf16; print(cpu_has_fast_bf16())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return out.strip() == "True"
+
+
 def main(quick: bool = False, configs: list[str] | None = None, rounds: int | None = None,
          threads: int = 2, log=print, compiled: bool | None = None, bf16: bool | None = None) -> str:
-    from babyllama.train.runtime import cpu_has_fast_bf16
-
     configs = configs or (["demo", "tiny"] if quick else list(CONFIGS))
     steps = 2 if quick else None
     compiled = (not quick) if compiled is None else compiled
