@@ -96,6 +96,16 @@ def test_rope_rotation_is_relative():
     assert score(5, 2) != pytest.approx(score(5, 4), rel=1e-3)
 
 
+def plain_loss_and_grads(h, w, t, scale=1.0):
+    """The reference: full logits and F.cross_entropy. Takes (and clears) the grads already on h, w
+    and returns (ours_grads, (ref_loss, ref_grads))."""
+    ours = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref = F.cross_entropy(h @ w.t(), t, ignore_index=IGNORE_INDEX, reduction="sum")
+    (ref * scale).backward()
+    return ours, (ref, (h.grad, w.grad))
+
+
 def test_fused_loss_and_gradients_match_plain_cross_entropy():
     torch.manual_seed(1)
     h = torch.randn(50, 16, requires_grad=True)
@@ -104,13 +114,10 @@ def test_fused_loss_and_gradients_match_plain_cross_entropy():
     t[::7] = IGNORE_INDEX
     ours = linear_cross_entropy(h, w, t, chunk_rows=8)
     ours.backward(torch.tensor(0.5))
-    gh, gw = h.grad.clone(), w.grad.clone()
-    h.grad = w.grad = None
-    ref = F.cross_entropy(h @ w.t(), t, ignore_index=IGNORE_INDEX, reduction="sum")
-    (ref * 0.5).backward()
+    (gh, gw), (ref, (rh, rw)) = plain_loss_and_grads(h, w, t, scale=0.5)
     torch.testing.assert_close(ours, ref)
-    torch.testing.assert_close(gh, h.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(gw, w.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gh, rh, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-5)
 
 
 def test_fused_loss_is_stable_for_large_logits_and_uneven_chunks():
@@ -121,14 +128,11 @@ def test_fused_loss_is_stable_for_large_logits_and_uneven_chunks():
     t = torch.randint(0, 200, (37,))
     ours = linear_cross_entropy(h, w, t, chunk_rows=16)
     ours.backward()
-    gh, gw = h.grad.clone(), w.grad.clone()
-    h.grad = w.grad = None
-    ref = F.cross_entropy(h @ w.t(), t, reduction="sum")
-    ref.backward()
+    (gh, gw), (ref, (rh, rw)) = plain_loss_and_grads(h, w, t)
     assert torch.isfinite(ours) and ours > 1000
     torch.testing.assert_close(ours, ref)
-    torch.testing.assert_close(gh, h.grad, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(gw, w.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gh, rh, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-4)
 
 
 def test_fused_loss_under_bf16_autocast_is_close_to_float32():
@@ -139,14 +143,11 @@ def test_fused_loss_under_bf16_autocast_is_close_to_float32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = linear_cross_entropy(h, w, t, chunk_rows=8)
     low.backward()
-    gh, gw = h.grad.clone(), w.grad.clone()
-    h.grad = w.grad = None
-    ref = F.cross_entropy(h @ w.t(), t, reduction="sum")
-    ref.backward()
+    (gh, gw), (ref, (rh, rw)) = plain_loss_and_grads(h, w, t)
     assert low.dtype == torch.float32 and gh.dtype == torch.float32 and gw.dtype == torch.float32
     torch.testing.assert_close(low, ref, rtol=2e-2, atol=0.0)
-    torch.testing.assert_close(gh, h.grad, rtol=5e-2, atol=5e-2)
-    torch.testing.assert_close(gw, w.grad, rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(gh, rh, rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(gw, rw, rtol=5e-2, atol=5e-2)
 
 
 def test_model_loss_equals_cross_entropy_of_logits():
@@ -192,11 +193,9 @@ def test_fused_loss_only_multiplies_rows_that_count():
         linear_cross_entropy(h, w, t).backward()
     assert len(rec.shapes) == 3  # logits and both gradients, each over the 3 rows that count
     assert all(3 in a + b and 40 not in a + b for a, b in rec.shapes)
-    gh, gw = h.grad.clone(), w.grad.clone()
-    h.grad = w.grad = None
-    F.cross_entropy(h @ w.t(), t, ignore_index=IGNORE_INDEX, reduction="sum").backward()
-    torch.testing.assert_close(gh, h.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(gw, w.grad, rtol=1e-4, atol=1e-5)
+    (gh, gw), (_, (rh, rw)) = plain_loss_and_grads(h, w, t)
+    torch.testing.assert_close(gh, rh, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-5)
     assert gh[[0, 6, 38]].abs().sum() == 0  # no gradient reaches ignored positions
 
 
