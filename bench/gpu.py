@@ -7,7 +7,8 @@ token (6 x matmul parameters + attention) / the GPU's dense bf16 peak (looked up
 --peak-tflops to override). Generation: greedy tokens/s of the `original` model with the KV cache at
 batch 1 and 8, and the time to the first token.
 
-Nothing here runs in the test suite; it needs a GPU.
+The figures need a GPU; the test suite runs this code on the CPU with a tiny model
+(tests/bench/test_gpu_script.py) so that it cannot rot unnoticed.
 """
 
 from __future__ import annotations
