@@ -301,12 +301,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _leave_process_group() -> None:
-    if "torch" in sys.modules:
-        import torch.distributed as dist
+def _leave_process_group() -> bool:
+    """Tear down the process group a launched run joined, all ranks together. True if there was one."""
+    if "torch" not in sys.modules:
+        return False
+    import gc
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    gc.collect()  # collective work still referenced from garbage is freed while the interpreter is whole
+    dist.barrier()  # no rank closes its connections while another is still using them
+    dist.destroy_process_group()
+    return True
+
+
+def _exit_launched_process() -> None:
+    """End a finished rank without the interpreter's teardown. Gloo's threads can abort a rank while
+    C++ objects are destroyed at exit ("terminate called without an active exception", seen once in
+    CI after a complete run): the launcher then reports a failed run whose checkpoints are all saved."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         pass
     try:
         args.func(args)
-        _leave_process_group()
+        if _leave_process_group() and argv is None:  # a rank started by a launcher, not a caller's function
+            _exit_launched_process()
     except known as e:
         print(f"babyllama: error: {e}", file=sys.stderr)
         return 1

@@ -1,5 +1,7 @@
 """Device and precision choice: bf16 on CPUs only where they multiply bf16 in hardware."""
 
+import warnings
+
 import torch
 
 from babyllama.train import runtime
@@ -32,6 +34,20 @@ def test_auto_dtype_on_cpu_follows_the_bf16_units(monkeypatch):
     monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
     assert runtime.pick_dtype("auto", cpu) == torch.bfloat16
     assert runtime.pick_dtype("float32", cpu) == torch.float32  # an explicit choice is kept
+
+
+def test_an_explicit_half_dtype_on_a_cpu_without_bf16_units_warns(monkeypatch):
+    import pytest
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="--dtype bf16 on a CPU without bf16 units"):
+        assert runtime.pick_dtype("bf16", cpu) == torch.bfloat16  # obeyed, with the cost named
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert runtime.pick_dtype("bf16", cpu) == torch.bfloat16
+        assert runtime.pick_dtype("float32", cpu) == torch.float32
 
 
 def test_unknown_dtype_is_a_clear_error():

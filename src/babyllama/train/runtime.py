@@ -7,6 +7,7 @@ import ctypes
 import functools
 import sys
 import time
+import warnings
 
 import torch
 
@@ -59,6 +60,9 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         if name not in table:
             raise ValueError(f"unknown dtype '{name}' (auto, float32, bfloat16, float16)")
+        if device.type == "cpu" and table[name] != torch.float32 and not cpu_has_fast_bf16():
+            warnings.warn(f"--dtype {name} on a CPU without bf16 units: its matmuls are emulated, "
+                          f"far slower than float32 (--dtype auto picks float32 here)", stacklevel=2)
         return table[name]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
