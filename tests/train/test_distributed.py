@@ -30,7 +30,8 @@ TRANSIENT_LAUNCH_ERRORS = ("EADDRINUSE", "address already in use", "RendezvousCo
 
 
 def babyllama(args: list[str], nproc: int = 1, launcher: str = "torchrun") -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # a rank that dies of a signal prints its Python stack (the one CI failure here was an abort at exit)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     if nproc == 1:
         launcher = [sys.executable]
     elif launcher == "torchrun":
