@@ -2,6 +2,7 @@
 
 import warnings
 
+import pytest
 import torch
 
 from babyllama.train import runtime
@@ -37,8 +38,6 @@ def test_auto_dtype_on_cpu_follows_the_bf16_units(monkeypatch):
 
 
 def test_an_explicit_half_dtype_on_a_cpu_without_bf16_units_warns(monkeypatch):
-    import pytest
-
     cpu = torch.device("cpu")
     monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
     with pytest.warns(UserWarning, match="--dtype bf16 on a CPU without bf16 units"):
@@ -51,7 +50,5 @@ def test_an_explicit_half_dtype_on_a_cpu_without_bf16_units_warns(monkeypatch):
 
 
 def test_unknown_dtype_is_a_clear_error():
-    import pytest
-
     with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
         runtime.pick_dtype("fp8", torch.device("cpu"))
