@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from babyllama.train import checkpoint as ckpt_io
 from tests.train.test_distributed import SMALL, babyllama
 
-STEPS = ["--max-steps", "40", "--set", "train.ckpt_interval=4"]
+CKPT_INTERVAL = 4
+STEPS = ["--max-steps", "40", "--set", f"train.ckpt_interval={CKPT_INTERVAL}"]
 
 
 def start(args: list[str]) -> subprocess.Popen:
@@ -51,7 +52,9 @@ def uninterrupted(data_dir, tmp_path_factory):
 
 def test_sigkill_at_a_random_step_then_resume_is_bit_identical(uninterrupted, data_dir, tmp_path):
     out = tmp_path / "run"
-    kill_at = random.Random(os.getpid()).randint(3, 30)
+    # step N is logged before checkpoint N is written: only once step interval+1 is logged is a
+    # checkpoint certainly on disk to resume from
+    kill_at = random.Random(os.getpid()).randint(CKPT_INTERVAL + 1, 30)
     proc = start(["pretrain", "--data", str(data_dir), "--out", str(out), "--batch-size", "4"] + SMALL + STEPS)
     wait_for_step(out, kill_at, proc)
     proc.send_signal(signal.SIGKILL)
