@@ -25,7 +25,7 @@ def test_pretrain_resume_and_generate(pipeline, capsys):
     root, args = pipeline
     assert main(args[:-2] + ["--max-steps", "4"]) == 0
     assert (root / "run" / "checkpoints" / "latest").read_text().strip() == "step-00000004"
-    assert main(args) == 1  # the run exists: refuse to overwrite it silently
+    assert main(args) == 2  # the run exists: refuse to overwrite it silently
     assert "pass --resume" in capsys.readouterr().err
     assert main(["pretrain", "--data", str(root / "data"), "--out", str(root / "run"), "--resume", "--max-steps", "8"]) == 0
     assert (root / "run" / "checkpoints" / "latest").read_text().strip() == "step-00000008"
@@ -43,31 +43,30 @@ def test_pretrain_resume_and_generate(pipeline, capsys):
 
 def test_user_errors_are_one_line(pipeline, tmp_path, capsys):
     root, _ = pipeline
-    assert main(["generate", "--ckpt", str(tmp_path / "missing"), "--prompt", "x"]) == 1
+    assert main(["generate", "--ckpt", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("babyllama: error:") and "missing" in err and err.count("\n") == 1
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "一"}\n{"text": "二"\n', encoding="utf-8")
-    assert main(["data", "pretrain", "--input", str(bad), "--tokenizer", str(root / "tok"), "--out", str(tmp_path / "o")]) == 1
+    assert main(["data", "pretrain", "--input", str(bad), "--tokenizer", str(root / "tok"), "--out", str(tmp_path / "o")]) == 2
     assert "bad.jsonl: line 2: malformed JSON" in capsys.readouterr().err
 
 
 def test_tokenizer_and_shards_must_match(pipeline, tmp_path, corpus_dir, capsys):
     root, args = pipeline
     assert main(["tokenizer", "train", "--input", str(corpus_dir / "reviews.txt"), "--vocab-size", "300",
-                 "--out", str(tmp_path / "other")]) == 1
+                 "--out", str(tmp_path / "other")]) == 2
     assert "raise --vocab-size or lower --character-coverage" in capsys.readouterr().err
     assert main(["tokenizer", "train", "--input", str(corpus_dir / "reviews.txt"), "--vocab-size", "4000",
                  "--out", str(tmp_path / "other")]) == 0
     assert main(["pretrain", "--data", str(root / "data"), "--out", str(tmp_path / "r"),
-                 "--tokenizer", str(tmp_path / "other")]) == 1
+                 "--tokenizer", str(tmp_path / "other")]) == 2
     err = capsys.readouterr().err
     assert "manifest.json: shards were made with tokenizer" in err
 
 
 def test_help_explains_every_stage(capsys):
-    with pytest.raises(SystemExit):
-        main(["--help"])
+    assert main(["--help"]) == 0
     out = capsys.readouterr().out
     for stage in ("tokenizer", "data", "pretrain", "generate", "demo"):
         assert stage in out

@@ -17,6 +17,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its mistakes reported as one `babyllama: error:` line like every other."""
+
+    def error(self, message: str):
+        self.exit(2, f"babyllama: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -68,7 +76,8 @@ def cmd_tokenizer_train(args) -> None:
 
     tok = train_tokenizer(TokenizerTrainConfig(inputs=args.input, out=args.out, vocab_size=args.vocab_size,
                                                layout=args.layout, max_sentences=args.max_sentences,
-                                               character_coverage=args.character_coverage))
+                                               character_coverage=args.character_coverage,
+                                               overwrite=args.overwrite, encoding=args.encoding))
     print(f"trained {tok.vocab_size}-token BPE tokenizer -> {args.out} (fingerprint {tok.fingerprint})")
 
 
@@ -77,7 +86,8 @@ def cmd_data_pretrain(args) -> None:
 
     m = prepare_pretrain(PrepareConfig(inputs=args.input, tokenizer=args.tokenizer, out=args.out,
                                        layout=args.layout, workers=args.workers, val_fraction=args.val_fraction,
-                                       on_error=args.on_error, exclude=args.exclude or []))
+                                       on_error=args.on_error, exclude=args.exclude or [], overwrite=args.overwrite,
+                                       encoding=args.encoding))
     tr, va = m["splits"]["train"], m["splits"]["val"]
     print(f"{m['characters']:,} characters -> {tr['tokens']:,} train tokens ({tr['documents']:,} documents), "
           f"{va['tokens']:,} validation tokens, {m['dtype']}, in {m['seconds']:.1f}s -> {args.out}")
@@ -87,7 +97,8 @@ def cmd_data_sft(args) -> None:
     from babyllama.data.sft import PrepareSFTConfig, prepare_sft
 
     m = prepare_sft(PrepareSFTConfig(inputs=args.input, tokenizer=args.tokenizer, out=args.out, layout=args.format,
-                                     max_len=args.max_len, val_fraction=args.val_fraction, on_error=args.on_error))
+                                     max_len=args.max_len, val_fraction=args.val_fraction, on_error=args.on_error,
+                                     overwrite=args.overwrite, encoding=args.encoding))
     print(f"{m['conversations']:,} conversations -> {m['train']:,} train ({m['train_tokens']:,} tokens), "
           f"{m['val']:,} validation; {m['skipped']} skipped, {m['truncated_prompt']} prompts and "
           f"{m['truncated_reply']} replies truncated to {m['max_len']} tokens -> {args.out}")
@@ -103,7 +114,8 @@ def cmd_pretrain(args) -> None:
         args.config = str(saved)  # resuming: the run's own config, with only the flags given now on top
     cfg = _run_config(args)
     summary = pretrain(PretrainJob(data=args.data, out=args.out, config=cfg, resume=args.resume, init=args.init,
-                                   tokenizer=args.tokenizer, stop_at_step=args.stop_at_step))
+                                   tokenizer=args.tokenizer, stop_at_step=args.stop_at_step,
+                                   overwrite=args.overwrite, allow_unverified=args.allow_unverified))
     _report_run(summary)
 
 
@@ -119,12 +131,25 @@ def _report_run(summary: dict) -> None:
 def cmd_generate(args) -> None:
     import torch
 
-    from babyllama.infer import SamplingConfig, generate_text, load_for_inference
+    from babyllama.config import check_int
+    from babyllama.infer import generate_text, load_for_inference
+    from babyllama.infer.sampling import check_max_new_tokens
+    from babyllama.infer.text import check_encoding, user_text
 
+    # every flag checked before the model is loaded: a mistake costs no waiting
+    sampling = _sampling(args)
+    check_max_new_tokens(args.max_new_tokens)
+    check_int("--num-samples", args.num_samples, 1)
+    if args.threads is not None:
+        check_int("--threads", args.threads, 1)
+    if args.encoding:
+        check_encoding(args.encoding)
+    args.prompt = user_text(args.prompt, args.encoding, "--prompt")
+    args.system = user_text(args.system, args.encoding, "--system") if args.system else args.system
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok, ckpt = load_for_inference(args.ckpt, args.device, compile_step=False if args.no_compile else None)
-    sampling = _sampling(args)
+    model, tok, ckpt = load_for_inference(args.ckpt, args.device, compile_step=False if args.no_compile else None,
+                                          allow_unverified=args.allow_unverified)
     if args.chat:
         from babyllama.infer.chat import chat_reply
         from babyllama.tokenizer.chat import ChatTemplate, Message
@@ -152,16 +177,24 @@ def cmd_sft(args) -> None:
     train = _run_config(args, base=RunConfig(train=default_sft_train())).train
     summary = sft(SFTJob(ckpt=args.ckpt, data=args.data, out=args.out, train=train, layout=args.format,
                          val_fraction=args.val_fraction, resume=args.resume, on_error=args.on_error,
-                         pack=args.pack, stop_at_step=args.stop_at_step, dropout=args.dropout))
+                         pack=args.pack, stop_at_step=args.stop_at_step, dropout=args.dropout,
+                         overwrite=args.overwrite, allow_unverified=args.allow_unverified, encoding=args.encoding))
     _report_run(summary)
 
 
 def cmd_chat(args) -> None:
-    from babyllama.infer import SamplingConfig, load_for_inference
+    from babyllama.infer import load_for_inference
     from babyllama.infer.chat import repl
+    from babyllama.infer.sampling import check_max_new_tokens
+    from babyllama.infer.text import check_encoding
 
-    model, tok, _ = load_for_inference(args.ckpt, args.device, compile_step=False if args.no_compile else None)
-    repl(model, tok, _sampling(args), args.max_new_tokens, system=args.system)
+    sampling = _sampling(args)  # flags checked before the model is loaded
+    check_max_new_tokens(args.max_new_tokens)
+    if args.encoding:
+        check_encoding(args.encoding)
+    model, tok, _ = load_for_inference(args.ckpt, args.device, compile_step=False if args.no_compile else None,
+                                       allow_unverified=args.allow_unverified)
+    repl(model, tok, sampling, args.max_new_tokens, system=args.system, encoding=args.encoding)
 
 
 def _sampling(args):
@@ -179,9 +212,30 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.1, help="1 disables (default 1.1)")
     p.add_argument("--seed", type=int, help="make sampling reproducible")
     p.add_argument("--device", default="auto")
+    p.add_argument("--encoding", help="the encoding of text you type or pass (default: UTF-8; e.g. gbk)")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="load a checkpoint that has no checksums.json (not written by babyllama)")
     p.add_argument("--no-compile", action="store_true",
                    help="decode without compiling the one-token step (models of 8M+ parameters compile it: "
                         "~10 s once, then ~25%% faster tokens; compiled code is cached on disk)")
+
+
+def _add_encoding_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--encoding", default="utf-8",
+                   help="encoding of the input files (default utf-8, with or without a byte-order mark); "
+                        "Chinese corpora are often gb18030 (a superset of GBK)")
+
+
+def _add_overwrite_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace {what} already in --out (never a directory that holds anything else)")
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds a run: its checkpoints and logs are deleted")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="accept checkpoints that have no checksums.json (not written by babyllama)")
 
 
 def cmd_demo(args) -> None:
@@ -198,8 +252,8 @@ SFT_FORMATS_HELP = ("Formats (--format, or per file as FILE::FORMAT): auto (defa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="babyllama", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="babyllama", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show Python's traceback on errors")
     sub = parser.add_subparsers(dest="command", metavar="STAGE")
 
     tok = sub.add_parser("tokenizer", help="train or inspect tokenizers").add_subparsers(dest="action", metavar="ACTION")
@@ -211,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sentences", type=int, default=2_000_000, help="lines sampled for training (default 2M)")
     p.add_argument("--character-coverage", type=float, default=0.9995,
                    help="share of characters given their own token; the rest fall back to bytes (default 0.9995)")
+    _add_encoding_flag(p)
+    _add_overwrite_flag(p, "a tokenizer")
     p.set_defaults(func=cmd_tokenizer_train)
 
     data = sub.add_parser("data", help="prepare datasets").add_subparsers(dest="action", metavar="ACTION")
@@ -227,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                    help="bad records: stop with file:line (default) or skip and count them")
     p.add_argument("--exclude", nargs="*", metavar="FILE", help="files of texts (one per line) to keep out of the shards")
+    _add_encoding_flag(p)
+    _add_overwrite_flag(p, "a pretraining dataset")
     p.set_defaults(func=cmd_data_pretrain)
 
     p = data.add_parser("sft", help="tokenize conversations once for `babyllama sft`",
@@ -243,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.02, help="share of conversations held out (default 0.02)")
     p.add_argument("--on-error", choices=["skip", "raise"], default="skip",
                    help="malformed records: skip and count them (default) or stop at the first")
+    _add_encoding_flag(p)
+    _add_overwrite_flag(p, "an SFT dataset")
     p.set_defaults(func=cmd_data_sft)
 
     p = sub.add_parser("pretrain", help="pretrain a model on prepared shards")
@@ -251,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     p.add_argument("--init", metavar="CKPT", help="start from these weights (new optimizer and schedule)")
     p.add_argument("--tokenizer", help="check that the shards were made with this tokenizer")
+    _add_run_flags(p)
     _add_config_flags(p)
     p.set_defaults(func=cmd_pretrain)
 
@@ -280,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pack several short conversations into each row of max_seq_len tokens (they never "
                         "attend to each other); --batch-size then counts rows")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    _add_encoding_flag(p)
+    _add_run_flags(p)
     _add_config_flags(p)
     p.set_defaults(func=cmd_sft)
 
@@ -298,7 +361,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--fresh", action="store_true", help="start over instead of reusing finished steps")
     p.set_defaults(func=cmd_demo)
+    _add_debug_flag(parser)
     return parser
+
+
+def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """`--debug` after the stage too (`babyllama pretrain ... --debug`), not only before it."""
+    for action in parser._subparsers._group_actions if parser._subparsers else []:
+        for child in action.choices.values():
+            if child._subparsers is None:
+                child.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                   help="show Python's traceback on errors")
+            else:
+                _add_debug_flag(child)
 
 
 def _leave_process_group() -> bool:
@@ -329,34 +404,79 @@ def _exit_launched_process() -> None:
     os._exit(0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        # a group without its action ("babyllama data") shows that group's help
-        parser.parse_args((argv or sys.argv[1:]) + ["--help"])
-        return 2
+def _user_errors() -> tuple[type, ...]:
+    """Exceptions that mean the input, a flag or the environment is wrong: one line, exit code 2."""
     from babyllama.config import ConfigError
     from babyllama.data.readers import DataError
+    from babyllama.outputs import OutputError
     from babyllama.tokenizer import TokenizerError
 
-    known: tuple = (ConfigError, DataError, TokenizerError, FileExistsError, FileNotFoundError)
+    return ConfigError, DataError, TokenizerError, OutputError, OSError
+
+
+def _stopped_errors() -> tuple[type, ...]:
+    """A run that stopped on purpose with an explanation (loss became NaN): one line, exit code 1."""
     try:
         from babyllama.train.loop import TrainingDiverged
-
-        known += (TrainingDiverged,)
     except ImportError:  # torch missing: the data stages still work
-        pass
+        return ()
+    return (TrainingDiverged,)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _show_warnings_as_lines() -> None:
+    """`babyllama: warning: ...`, not Python's two-line form with a source line."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"babyllama: warning: {_one_line(message)}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+
+
+def _internal_error(e: BaseException) -> str:
+    import traceback
+
+    frame = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+    where = f" at {Path(frame.filename).name}:{frame.lineno}" if frame else ""
+    return (f"babyllama: internal error{where}: {type(e).__name__}: {_one_line(e)} "
+            f"(a bug: run again with --debug for the traceback, and please report it)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            # a group without its action ("babyllama data") shows that group's help
+            parser.parse_args((argv or sys.argv[1:]) + ["--help"])
+            return 2
+    except SystemExit as e:  # --help, or a flag argparse refused (its one line is printed)
+        return e.code if isinstance(e.code, int) else 2
+    debug = bool(getattr(args, "debug", False) or os.environ.get("BABYLLAMA_DEBUG"))
+    if not debug:
+        _show_warnings_as_lines()
     try:
         args.func(args)
         if _leave_process_group() and argv is None:  # a rank started by a launcher, not a caller's function
             _exit_launched_process()
-    except known as e:
-        print(f"babyllama: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if debug:
+            raise
+        if isinstance(e, _user_errors()):
+            print(f"babyllama: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        if isinstance(e, _stopped_errors()):
+            print(f"babyllama: stopped: {_one_line(e)}", file=sys.stderr)
+            return 1
+        print(_internal_error(e), file=sys.stderr)
+        return 1
     return 0
 
 

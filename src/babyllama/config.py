@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -22,6 +24,62 @@ else:  # pragma: no cover
 
 class ConfigError(ValueError):
     """A configuration value or file is wrong; the message says which and why."""
+
+
+# Command-line flags that set a field directly (`--set section.key=value` sets any field).
+FLAGS = {
+    "train.max_steps": "--max-steps", "train.batch_size": "--batch-size", "train.grad_accum": "--grad-accum",
+    "train.lr": "--lr", "train.device": "--device", "train.dtype": "--dtype", "train.max_minutes": "--max-minutes",
+    "train.seed": "--seed", "train.parallel": "--parallel", "train.deepspeed": "--deepspeed",
+}
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+DEVICE_SYNTAX = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+PARALLEL = ("ddp", "fsdp")
+
+
+def _refuse(name: str, rule: str, value: Any, note: str = "") -> ConfigError:
+    flag = f" ({FLAGS[name]})" if name in FLAGS else ""
+    return ConfigError(f"{name} must be {rule}{note}, got {value!r}{flag}")
+
+
+def check_int(name: str, value: Any, low: int, high: int | None = None, note: str = "") -> None:
+    """`value` is an integer in [low, high] (high None: no upper bound), else a ConfigError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _refuse(name, "an integer", value)
+    if value < low or (high is not None and value > high):
+        raise _refuse(name, f">= {low}" if high is None else f"an integer in [{low}, {high}]", value, note)
+
+
+def check_float(name: str, value: Any, low: float, high: float | None = None, low_open: bool = False,
+                high_open: bool = False, note: str = "") -> None:
+    """`value` is a finite number within the bounds (open or closed), else a ConfigError naming `name`.
+    NaN and the infinities are always refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _refuse(name, "a number", value)
+    if high is None:
+        rule = f"a finite number {'>' if low_open else '>='} {low:g}"
+    else:
+        rule = f"a finite number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    ok = (isinstance(value, int) or math.isfinite(value)) and (value > low if low_open else value >= low)
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        raise _refuse(name, rule, value, note)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise _refuse(name, "one of " + ", ".join(choices), value)
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise _refuse(name, "true or false", value)
+
+
+def _check_str(name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise _refuse(name, "a string", value)
 
 
 @dataclass
@@ -42,17 +100,35 @@ class ModelConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Range-check every field (ConfigError naming it), fill the derived fields left at 0, check
+        that the shape fits together. Call again after changing a field (e.g. vocab_size)."""
+        check_int("model.vocab_size", self.vocab_size, 0, note=" (0 = from the tokenizer)")
+        check_int("model.dim", self.dim, 1)
+        check_int("model.n_layers", self.n_layers, 1)
+        check_int("model.n_heads", self.n_heads, 1)
+        check_int("model.n_kv_heads", self.n_kv_heads, 0, note=" (0 = model.n_heads)")
+        check_int("model.hidden_dim", self.hidden_dim, 0, note=" (0 = from model.dim)")
+        check_int("model.multiple_of", self.multiple_of, 1)
+        check_int("model.max_seq_len", self.max_seq_len, 2)
+        check_float("model.norm_eps", self.norm_eps, 0, low_open=True)
+        check_float("model.rope_theta", self.rope_theta, 0, low_open=True)
+        _check_bool("model.tie_embeddings", self.tie_embeddings)
+        check_float("model.dropout", self.dropout, 0, 1, high_open=True)
         if self.n_kv_heads == 0:
             self.n_kv_heads = self.n_heads
         if self.hidden_dim == 0:
-            hidden = int(2 * (4 * self.dim) / 3)
+            hidden = (8 * self.dim) // 3  # 2/3 of 4 * dim, in integers (no float overflow)
             self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
         if self.dim % self.n_heads:
             raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}")
         if (self.dim // self.n_heads) % 2:
-            raise ConfigError("head dimension (dim / n_heads) must be even for rotary embeddings")
+            raise ConfigError(f"model.dim / model.n_heads (the head dimension) must be even for rotary embeddings, "
+                              f"got {self.dim} / {self.n_heads} = {self.dim // self.n_heads}")
 
     @property
     def head_dim(self) -> int:
@@ -107,11 +183,47 @@ class TrainConfig:
     max_minutes: float = 0.0  # stop (with a checkpoint) after this many minutes; 0 = no limit
     tensorboard: bool = False
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Range-check every field (ConfigError naming the field and its flag). Call again after
+        changing a field."""
+        for name in ("batch_size", "grad_accum", "max_steps"):
+            check_int(f"train.{name}", getattr(self, name), 1)
+        check_float("train.lr", self.lr, 0, low_open=True)
+        check_float("train.min_lr", self.min_lr, 0)
+        if self.min_lr > self.lr:
+            raise ConfigError(f"train.min_lr must be <= train.lr ({self.lr}), got {self.min_lr}")
+        check_int("train.warmup_steps", self.warmup_steps, 0)
+        check_float("train.weight_decay", self.weight_decay, 0)
+        check_float("train.beta1", self.beta1, 0, 1, high_open=True)
+        check_float("train.beta2", self.beta2, 0, 1, high_open=True)
+        check_float("train.grad_clip", self.grad_clip, 0, note=" (0 = no clipping)")
+        for name in ("eval_interval", "eval_batches", "log_interval", "ckpt_interval"):
+            check_int(f"train.{name}", getattr(self, name), 1)
+        check_int("train.keep_ckpts", self.keep_ckpts, 0, note=" (0 = keep all)")
+        check_int("train.seed", self.seed, 0, 2**32 - 1)
+        _check_str("train.device", self.device)
+        if not DEVICE_SYNTAX.fullmatch(self.device):
+            raise _refuse("train.device", "auto, cpu, cuda, cuda:N or mps", self.device)
+        _check_choice("train.dtype", self.dtype, DTYPES)
+        _check_bool("train.compile", self.compile)
+        _check_choice("train.parallel", self.parallel, PARALLEL)
+        _check_str("train.deepspeed", self.deepspeed)
+        check_float("train.max_minutes", self.max_minutes, 0, note=" (0 = no limit)")
+        _check_bool("train.tensorboard", self.tensorboard)
+
 
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        """Check both parts again, e.g. after a stage filled model.vocab_size from the tokenizer."""
+        self.model.validate()
+        self.train.validate()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -179,7 +291,7 @@ def _coerce(default: Any, value: Any, where: str) -> Any:
     if isinstance(default, float):
         try:
             return float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{where} must be a number, got {value!r}") from None
     if isinstance(default, str):
         return str(value)

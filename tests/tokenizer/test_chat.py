@@ -47,3 +47,19 @@ def test_render_matches_encoding(tokenizer):
 def test_unknown_role_is_refused():
     with pytest.raises(ValueError, match="unknown role"):
         Message("bot", "x")
+
+
+def test_segments_join_into_the_encoding(tokenizer):
+    """segments() is the same conversation split at the markers, so contents can be cut alone."""
+    chat = ChatTemplate(tokenizer)
+    msgs = [Message("system", "你是助手"), Message("user", "你好"), Message("assistant", "你好！")]
+    for gen in (False, True):
+        parts = chat.segments(msgs, add_generation_prompt=gen)
+        assert [i for p in parts for i in p.ids()] == chat.encode(msgs, add_generation_prompt=gen)[0]
+        assert sum(len(p) for p in parts) == len(chat.encode(msgs, add_generation_prompt=gen)[0])
+    parts = chat.segments(msgs, add_generation_prompt=True)
+    start, end = tokenizer.special_tokens[IM_START], tokenizer.special_tokens[IM_END]
+    assert all(p.header[0] == start for p in parts)
+    assert all(p.closing[0] == end for p in parts[:-1]) and parts[-1].closing == parts[-1].content == []
+    assert [tokenizer.decode(p.content) for p in parts[:-1]] == ["你是助手", "你好", "你好！"]
+    assert chat.segments([]) == []

@@ -21,10 +21,11 @@ from babyllama.data.readers import DataError
 class TokenWindows:
     """All complete windows of one split, addressed by a flat index."""
 
-    def __init__(self, directory: str | Path, split: str, seq_len: int):
+    def __init__(self, directory: str | Path, split: str, seq_len: int, vocab_limit: int | None = None):
         directory = Path(directory)
         self.manifest = load_manifest(directory)
-        self.seq_len = seq_len
+        self.seq_len, self.vocab_limit = seq_len, vocab_limit
+        self.files: list[Path] = []
         dtype = np.dtype(self.manifest["dtype"])
         self.shards, counts = [], []
         for shard in self.manifest["splits"][split]["shards"]:
@@ -37,6 +38,7 @@ class TokenWindows:
                                 f"the shard is truncated or from another run")
             data = np.memmap(path, dtype=dtype, mode="r")
             self.shards.append(data)
+            self.files.append(path)
             counts.append(max(0, (len(data) - 1) // seq_len))  # windows overlap by the one target token
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.num_windows = int(self.starts[-1])
@@ -48,16 +50,31 @@ class TokenWindows:
 
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         rows = np.stack([self.window(int(i)) for i in indices]).astype(np.int64)
+        if self.vocab_limit is not None and rows.size and int(rows.max()) >= self.vocab_limit:
+            self._out_of_range(indices)
         data = torch.from_numpy(rows)
         return data[:, :-1], data[:, 1:]
+
+
+    def _out_of_range(self, indices) -> None:
+        """Ids the model has no embedding for: a damaged shard, or one from another tokenizer."""
+        for i in indices:
+            window = self.window(int(i))
+            bad = np.flatnonzero(window >= self.vocab_limit)
+            if bad.size:
+                shard = int(np.searchsorted(self.starts, int(i), side="right") - 1)
+                offset = (int(i) - int(self.starts[shard])) * self.seq_len + int(bad[0])
+                raise DataError(f"{self.files[shard]}: token {offset:,} is id {int(window[bad[0]])}, outside the "
+                                f"model's vocabulary of {self.vocab_limit}; the shard is damaged or was made with "
+                                f"another tokenizer (prepare the data again)")
 
 
 class PretrainBatches:
     """An endless, shuffled, resumable stream of (tokens, targets) micro-batches."""
 
     def __init__(self, directory: str | Path, seq_len: int, batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, split: str = "train"):
-        self.windows = TokenWindows(directory, split, seq_len)
+                 rank: int = 0, world_size: int = 1, split: str = "train", vocab_limit: int | None = None):
+        self.windows = TokenWindows(directory, split, seq_len, vocab_limit)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         global_batch = batch_size * world_size
         if self.windows.num_windows < global_batch:
@@ -97,9 +114,10 @@ class PretrainBatches:
         self._order = self._permutation(self.epoch)
 
 
-def validation_batches(directory: str | Path, seq_len: int, batch_size: int, max_batches: int):
+def validation_batches(directory: str | Path, seq_len: int, batch_size: int, max_batches: int,
+                       vocab_limit: int | None = None):
     """A fixed list of validation batches (the same windows at every evaluation)."""
-    windows = TokenWindows(directory, "val", seq_len)
+    windows = TokenWindows(directory, "val", seq_len, vocab_limit)
     if windows.num_windows == 0:
         raise DataError(f"{directory}: the validation split has no complete window of {seq_len + 1} tokens; "
                         f"prepare the data with a larger --val-fraction")

@@ -16,6 +16,7 @@ and the bytes written do not depend on the number of workers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -30,6 +31,8 @@ from typing import Iterator
 
 import numpy as np
 
+from babyllama.config import ConfigError, check_float, check_int
+from babyllama.outputs import PRETRAIN_DATA, claim_output, staged_output, swap_in
 from babyllama.data.readers import DataError, RawChunk, ReadStats, parse_chunk, read_chunks, split_input_spec
 
 FORMAT = "babyllama-pretrain-v1"
@@ -46,9 +49,19 @@ class PrepareConfig:
     val_fraction: float = 0.005
     shard_tokens: int = 1 << 28  # 256M tokens (512 MB of uint16) per shard
     on_error: str = "raise"  # raise | skip (bad records counted and reported)
+    overwrite: bool = False  # replace an existing pretraining dataset in `out` (never anything else)
     chunk_bytes: int = 1 << 20
     progress: bool = True
     exclude: list[str] = field(default_factory=list)  # files of texts (one per line) to keep out
+    encoding: str = "utf-8"  # of the input files (UTF-8 may have a byte-order mark); e.g. gb18030, big5
+
+    def __post_init__(self) -> None:  # checked before any work, flag names in the messages
+        check_int("--workers", self.workers, 1)
+        check_float("--val-fraction", self.val_fraction, 0, 1, high_open=True)
+        check_int("shard_tokens", self.shard_tokens, 1)
+        check_int("chunk_bytes", self.chunk_bytes, 1)
+        if self.on_error not in ("raise", "skip"):
+            raise ConfigError(f"--on-error must be raise or skip, got {self.on_error!r}")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -124,7 +137,9 @@ class ShardWriter:
             return
         if self._file is None or self.shards[-1]["tokens"] + tokens.size > self.shard_tokens:
             self._open_next()
-        self._file.write(tokens.tobytes())
+        data = tokens.tobytes()
+        self._file.write(data)
+        self._hash.update(data)
         self.shards[-1]["tokens"] += int(tokens.size)
         self.shards[-1]["documents"] += docs
 
@@ -132,10 +147,12 @@ class ShardWriter:
         self.close()
         name = f"{self.split}-{len(self.shards):05d}.bin"
         self._file = open(self.directory / name, "wb")
+        self._hash = hashlib.sha256()
         self.shards.append({"file": name, "tokens": 0, "documents": 0})
 
     def close(self) -> None:
         if self._file is not None:
+            self.shards[-1]["sha256"] = self._hash.hexdigest()
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
@@ -145,15 +162,15 @@ class ShardWriter:
 def _all_chunks(cfg: PrepareConfig) -> Iterator[RawChunk]:
     for spec in cfg.inputs:
         path, layout = split_input_spec(spec, cfg.layout)
-        yield from read_chunks(path, layout, cfg.chunk_bytes)
+        yield from read_chunks(path, layout, cfg.chunk_bytes, cfg.encoding)  # chunks carry it to the workers
 
 
-def _load_exclusions(paths: list[str]) -> frozenset:
+def _load_exclusions(paths: list[str], encoding: str = "utf-8") -> frozenset:
     from babyllama.data.readers import clean_text
 
     out = set()
     for p in paths:
-        with open(p, encoding="utf-8") as f:
+        with open(p, encoding="utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding) as f:
             out.update(clean_text(line) for line in f if line.strip())
     return frozenset(out)
 
@@ -180,8 +197,6 @@ def _results(cfg: PrepareConfig, tokenizer_dir: str, exclude: frozenset) -> Iter
 
 def prepare_pretrain(cfg: PrepareConfig) -> dict:
     """Tokenize `cfg.inputs` into shards under `cfg.out`; returns the manifest."""
-    from tqdm import tqdm
-
     from babyllama.tokenizer import load_tokenizer
 
     if not cfg.inputs:
@@ -195,12 +210,24 @@ def prepare_pretrain(cfg: PrepareConfig) -> dict:
     tok = load_tokenizer(cfg.tokenizer)
     dtype = token_dtype(tok.vocab_size)
     out = Path(cfg.out)
-    work = out.with_name(out.name + ".partial")
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    inputs = [split_input_spec(spec, cfg.layout)[0] for spec in cfg.inputs] + [cfg.tokenizer, *cfg.exclude]
+    claim_output(out, PRETRAIN_DATA, inputs, cfg.overwrite)
+    work, lock = staged_output(out, "pretraining dataset")
+    try:
+        return _prepare_into(cfg, tok, dtype, out, work)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)  # no half-written output left behind
+        raise
+    finally:
+        lock.release()
+
+
+def _prepare_into(cfg: PrepareConfig, tok, dtype: np.dtype, out: Path, work: Path) -> dict:
+    from tqdm import tqdm
+
+    claim_output(out, PRETRAIN_DATA, (), cfg.overwrite)  # again under the lock: nobody swapped in since
     tok.save(work / "tokenizer")
-    exclude = _load_exclusions(cfg.exclude)
+    exclude = _load_exclusions(cfg.exclude, cfg.encoding)
 
     writers = {"train": ShardWriter(work, "train", dtype, cfg.shard_tokens),
                "val": ShardWriter(work, "val", dtype, cfg.shard_tokens)}
@@ -228,18 +255,12 @@ def prepare_pretrain(cfg: PrepareConfig) -> dict:
             bar.update(res.nbytes)
             bar.set_postfix_str(f"{n_docs / elapsed:,.0f} docs/s {n_tokens / elapsed / 1e3:,.0f}k tokens/s "
                                 f"{n_chars / elapsed / 1e6:.2f}M chars/s")
-    except BaseException:
-        for w in writers.values():
-            w.close()
-        shutil.rmtree(work, ignore_errors=True)  # no half-written output left behind
-        raise
     finally:
         bar.close()
         for w in writers.values():
             w.close()
 
     if writers["train"].shards == [] or sum(s["tokens"] for s in writers["train"].shards) == 0:
-        shutil.rmtree(work)
         raise DataError(f"no documents found in {', '.join(cfg.inputs)}")
     elapsed = time.perf_counter() - start
     manifest = {
@@ -255,15 +276,25 @@ def prepare_pretrain(cfg: PrepareConfig) -> dict:
         "seconds": round(elapsed, 2),
         "workers": cfg.workers,
     }
+    manifest["fingerprint"] = dataset_fingerprint(manifest)
     (work / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(work, out)  # the output directory appears complete or not at all
+    swap_in(work, out)  # the output directory appears complete or not at all
     skipped = sum(s["skipped"] for s in sources.values())
     if skipped and cfg.progress:
         print(f"skipped {skipped} bad records (--on-error skip); first: "
               + "; ".join(w for s in sources.values() for w in s["skipped_where"][:2]), file=sys.stderr)
     return manifest
+
+
+def dataset_fingerprint(manifest: dict) -> str:
+    """What identifies the token stream: the tokenizer and every shard's content hash (counts only,
+    for datasets prepared before shards were hashed). A run resumes only on the same fingerprint."""
+    if manifest.get("fingerprint"):
+        return manifest["fingerprint"]
+    key = {"tokenizer": manifest["tokenizer"]["fingerprint"], "dtype": manifest["dtype"],
+           "splits": {name: [[s["file"], s["tokens"], s.get("sha256")] for s in split["shards"]]
+                      for name, split in manifest["splits"].items()}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_manifest(directory: str | Path) -> dict:

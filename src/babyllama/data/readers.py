@@ -1,7 +1,8 @@
 """Read documents from the files users bring, one at a time, with the file and line of each.
 
-Containers: plain text, JSON lines, one JSON array (streamed with ijson), Parquet (streamed by
-row group). Layouts say where the text is inside a record:
+Containers: plain text, JSON lines, one JSON array (streamed with ijson), CSV (.csv; .tsv is
+tab-separated; a header line names the columns), Parquet (streamed by row group). Layouts say where
+the text is inside a record:
 
     lines          plain text, one document per non-empty line (the default for .txt)
     paragraphs     plain text, documents separated by blank lines
@@ -9,27 +10,45 @@ row group). Layouts say where the text is inside a record:
     text           {"text": ...}                      shibing624/medical pretrain
     wikipedia      {"completion": ...}                pleisto/wikipedia-cn-20230720-filtered
     baike          {"title", "summary", "sections": [{"title", "content"}]}   BaiduBaiKe 563w
-    field:NAME     any JSON key or Parquet column
-    auto           guess from the first record's keys (the default for JSON and Parquet)
+    field:NAME     any JSON key or Parquet column (or CSV column)
+    csv:COLUMN     a column of a CSV file with a header (any file name; quoted fields may span lines)
+    auto           guess from the first record's keys (the default for JSON and Parquet) or, for CSV,
+                   from the column names (exactly one text-like name: text, content, review, ...)
+
+Encodings: text is UTF-8, with or without a byte-order mark, unless `encoding` names another
+ASCII-compatible codec (gb18030, gbk, big5, ...; JSON arrays may also be UTF-16/32). A sample of
+each file is checked first: a file plainly in another encoding is an error that names it (never
+skipped: it is a property of the whole file), while a line that does not decode in an otherwise
+good file is a bad record like a malformed one (raised, or skipped and counted).
 
 Nothing here holds more than one batch of records in memory, whatever the file size.
 """
 
 from __future__ import annotations
 
+import codecs
+import csv
 import json
 import re
 import unicodedata
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 LAYOUTS = ("auto", "lines", "paragraphs", "peoples_daily", "text", "wikipedia", "baike")
 TEXT_KEYS = ("text", "completion", "content", "sentence", "document", "body")
+# column names that say "this is the text" in CSV files (reviews, comments, news) besides TEXT_KEYS
+CSV_TEXT_KEYS = TEXT_KEYS + ("review", "comment", "article", "passage", "文本", "内容", "正文", "评论")
+PLAIN_TEXT_LAYOUTS = ("lines", "paragraphs", "peoples_daily")
 
 
 class DataError(ValueError):
     """Bad input: the message names the file and the line (or record)."""
+
+
+class DataWarning(UserWarning):
+    """Input that is read, but maybe not as the user meant (the CLI prints it as one line)."""
 
 
 @dataclass
@@ -38,24 +57,37 @@ class ReadStats:
     characters: int = 0
     skipped: int = 0
     skipped_where: list[str] = field(default_factory=list)  # first few locations, for the report
+    skipped_reasons: dict[str, int] = field(default_factory=dict)  # reason -> how many
+    fixed: int = 0  # records repaired instead of skipped (the fix was unambiguous)
+    fixed_where: list[str] = field(default_factory=list)
 
-    def skip(self, where: str, why: str) -> None:
+    def skip(self, where: str, why: str, reason: str = "") -> None:
         self.skipped += 1
+        key = reason or why.split(" (")[0]  # details in parentheses (columns, turns) would split the counts
+        self.skipped_reasons[key] = self.skipped_reasons.get(key, 0) + 1
         if len(self.skipped_where) < 5:
             self.skipped_where.append(f"{where}: {why}")
 
+    def fix(self, where: str, what: str) -> None:
+        self.fixed += 1
+        if len(self.fixed_where) < 5:
+            self.fixed_where.append(f"{where}: {what}")
 
-def container_of(path: Path) -> str:
-    """'text', 'jsonl', 'json' (one array) or 'parquet', from the name and, for JSON, the first byte."""
+
+def container_of(path: Path, encoding: str = "utf-8") -> str:
+    """'text', 'jsonl', 'json' (one array), 'csv' or 'parquet', from the name and, for JSON, the first
+    character (after any byte-order mark)."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return "parquet"
+    if suffix in (".csv", ".tsv"):
+        return "csv"
     if suffix in (".json", ".jsonl", ".ndjson"):
         with open(path, "rb") as f:
-            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-        if head.startswith(b"["):
-            return "json"
-        return "jsonl"
+            head = f.read(4096)
+        # read as given or as UTF-8: the encoding may be wrong, which check_encoding tells the user
+        texts = (head.decode(c, errors="ignore").lstrip("\ufeff \t\r\n") for c in (encoding, "utf-8"))
+        return "json" if any(t.startswith("[") for t in texts) else "jsonl"
     return "text"
 
 
@@ -66,6 +98,242 @@ def check_readable(path: Path) -> None:
         raise DataError(f"{path}: is a directory; pass the files inside it")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty")
+
+
+def check_layout(layout: str, path: str | Path | None = None) -> None:
+    for prefix in ("field:", "csv:"):
+        if layout.startswith(prefix) and len(layout) > len(prefix):
+            return
+    if layout not in LAYOUTS:
+        where = f"{path}: " if path is not None else ""
+        raise DataError(f"{where}unknown layout '{layout}' (choose from {', '.join(LAYOUTS)}, field:NAME, "
+                        f"csv:COLUMN)")
+
+
+# --- encodings ------------------------------------------------------------------------------------
+
+SAMPLE_BYTES = 1 << 16
+# Characters that make up a large share of any Chinese text (simplified and traditional forms) and
+# the common full-width punctuation. Text decoded with the right codec is full of them; decoded with a
+# wrong one it is not, even when every byte decodes (Big5 bytes are nearly all valid GBK, and back).
+_COMMON_CJK = frozenset(
+    "的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年得就那要下以生会自着去之过家学对可她里后"
+    "小么心多天而能好都然没日于起还发成事只作当想看文无开手十用主行方又如前所本见经头面公同三已老从动两长"
+    "知民样现分将外但身些与高意进把法此实回二理美点月明其种声全工己话儿者向情部正名定女问力机给等几很业最"
+    "间新什打便位因重被走电四第门相次东政海口使教西再平真听世气信北少关并内加化由却代军产入先山五太水万市"
+    "眼体别处总才场师书比住员九笑性通目华报立马命张活难神数件安表原车白应路期叫死常提感金何更反合放做系计"
+    "或司利受光王果亲界及今京务制解各任至清物台象记边共风战干接它许八特觉望直服毛林题建南度统色字请交爱让"
+    "认算论百吃义科怎元社术结六功指思非流每青管夫连远资队跟带花快条院变联言权往展该领传近留红治决周保达办"
+    "运武半候七必城父强步完革深区即求品士转量空甚众技轻程告江语英基派满式李息写呢识极令黄德收脸钱党"
+    "這個們為來說國會時對學後麼經頭兩長現樣實點種聲話進動與開見過發無當還從問給幾間業電體東軍產門處聽氣關"
+    "內條華報張難數應愛讓認論義結聯區輕傳變遠語錢黨將專書達運親於"
+    "，。、；：？！“”「」『』（）《》…—")
+# what a file that is not in the expected encoding is tried in, in this order
+_CANDIDATES = {"utf-8": "UTF-8", "gb18030": "GB18030 (GBK)", "big5": "Big5"}
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"PK\x03\x04": "zip", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),  # before UTF-16: FF FE 00 00
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def encoding_label(codec: str) -> str:
+    """How messages name an encoding: 'UTF-8', 'GB18030 (GBK)', 'UTF-16LE', 'big5hkscs'."""
+    return _CANDIDATES.get(codec) or (codec.upper() if codec.startswith("utf") else codec)
+
+
+def _ascii_compatible(codec: str) -> bool:
+    """Whether ASCII (newlines, JSON punctuation) is the same bytes in `codec`: only then can a file be
+    cut into lines at b"\\n" without decoding it first."""
+    probe = '\n\r{}[]",:az09'
+    try:
+        return probe.encode(codec) == probe.encode("ascii")
+    except UnicodeError:
+        return False
+
+
+def codec_name(encoding: str | None, line_based: bool = False, path: str | Path | None = None) -> str:
+    """Python's name for `encoding` ('utf-8' for utf-8-sig too). A DataError (naming `path` if given)
+    for a name Python does not know and, when `line_based`, for encodings in which a newline is not
+    the byte \\n (UTF-16/32): line-based files are cut into chunks at b"\\n" before anything is decoded."""
+    encoding = encoding or "utf-8"
+    where = f"{path}: " if path is not None else ""
+    try:
+        codec = codecs.lookup(encoding).name
+        "\n".encode(codec)  # a LookupError for codecs that are no text encodings (base64, rot13)
+    except LookupError:
+        raise DataError(f"{where}unknown encoding '{encoding}' (e.g. utf-8, gb18030, gbk, big5)") from None
+    if codec == "utf-8-sig":
+        codec = "utf-8"
+    if line_based and not _ascii_compatible(codec):
+        raise DataError(f"{where}encoding '{encoding}' cannot be read line by line (a newline is not one byte "
+                        f"in it); convert the file to UTF-8: iconv -f {encoding} -t utf-8")
+    return codec
+
+
+def _common_share(lines: list[bytes], codec: str) -> float | None:
+    """The share of common Chinese characters among the non-ASCII characters of `lines` decoded with
+    `codec`, or None when fewer than half of the lines decode."""
+    texts = []
+    for line in lines:
+        try:
+            texts.append(line.decode(codec))
+        except UnicodeDecodeError:
+            pass
+    if not lines or len(texts) * 2 < len(lines):
+        return None
+    wide = [c for text in texts for c in text if ord(c) > 127]
+    return sum(c in _COMMON_CJK for c in wide) / len(wide) if wide else 0.0
+
+
+def _guess(lines: list[bytes], exclude: str) -> tuple[float, str] | None:
+    """(score, codec) of the candidate encoding in which `lines` read most like Chinese, if any does."""
+    best = None
+    for codec in _CANDIDATES:
+        score = _common_share(lines, codec) if codec != exclude else None
+        if score is not None and score >= 0.25 and (best is None or score > best[0]):
+            best = (score, codec)
+    return best
+
+
+def _how_to_read(codec: str, line_based: bool) -> str:
+    convert = f"convert it: iconv -f {codec} -t utf-8"
+    if codec.startswith("utf-") and line_based:
+        return convert
+    return f"pass --encoding {codec}, or {convert}"
+
+
+def _signature(sample: bytes) -> str | None:
+    """UTF-16/32 from a byte-order mark, or from the NUL bytes that ASCII has in them."""
+    for bom, codec in _BOMS:
+        if sample.startswith(bom):
+            return codec
+    if sample.count(0) * 4 < len(sample):
+        return None
+    n = len(sample) - len(sample) % 4
+    zeros = [sample[k:n:4].count(0) / max(n // 4, 1) for k in range(4)]
+    if zeros[2] > 0.9 and zeros[3] > 0.9:
+        return "utf-32le"
+    if zeros[0] > 0.9 and zeros[1] > 0.9:
+        return "utf-32be"
+    return "utf-16le" if zeros[1] + zeros[3] > zeros[0] + zeros[2] else "utf-16be"
+
+
+def _complete_lines(sample: bytes, whole: bool) -> list[bytes]:
+    """The sample's lines, without the last one if the sample's end may have cut it (mid-character)."""
+    if not whole:
+        cut = sample.rfind(b"\n")
+        sample = sample[:cut] if cut >= 0 else sample.rstrip(bytes(range(0x80, 0x100)))
+    return sample.split(b"\n")
+
+
+def check_encoding(path: str | Path, encoding: str | None = "utf-8", line_based: bool = True) -> str:
+    """The codec to read `path` with: `encoding`, checked against the first SAMPLE_BYTES of the file.
+    A file that is plainly in another encoding (or compressed) is a DataError naming it; a few lines
+    that do not decode are left to the readers, which report or skip them one by one."""
+    codec = codec_name(encoding, line_based, path)
+    with open(path, "rb") as f:
+        sample = f.read(SAMPLE_BYTES)
+        whole = not f.read(1)
+    for magic, kind in _COMPRESSED.items():
+        if sample.startswith(magic):
+            raise DataError(f"{path}: is {kind}-compressed; decompress it first")
+    found = _signature(sample)
+    if found and not codec.startswith(found[:6]):
+        raise _looks_like(path, f"not {encoding_label(codec)}", found, line_based)
+    if _ascii_compatible(codec):
+        _check_lines(path, encoding, codec, _complete_lines(sample, whole), line_based)
+    elif not found:  # UTF-16/32 asked for (JSON arrays), but neither a byte-order mark nor their NULs
+        raise DataError(f"{path}: does not look like {encoding_label(codec)} (no byte-order mark); "
+                        f"leave out --encoding {encoding}")
+    return codec
+
+
+def _check_lines(path: str | Path, encoding: str | None, codec: str, lines: list[bytes], line_based: bool) -> None:
+    wide = [line for line in lines if not line.isascii()]  # ASCII lines read the same in every candidate
+    if codec != "utf-8" and _decodes_mostly(wide, "utf-8"):
+        raise DataError(f"{path}: is UTF-8, not {encoding}; leave out --encoding {encoding}")
+    bad = [line for line in wide if not _decodes(line, codec)]
+    if len(bad) * 2 > len(wide):  # most of the text does not decode: the file's encoding, not a few bad lines
+        guess = _guess(bad, exclude=codec)
+        if guess:
+            raise _looks_like(path, f"not {encoding_label(codec)}", guess[1], line_based)
+        if len(bad) * 20 > sum(1 for line in lines if line.strip()):  # (else: a few stray bytes)
+            raise DataError(f"{path}: not {encoding_label(codec)}, and not recognisably GB18030 or Big5 either; "
+                            f"pass --encoding NAME (the encoding it was written in), or convert it to UTF-8")
+    elif codec != "utf-8":  # every byte may decode and still be the wrong encoding (GBK read as Big5)
+        own, guess = _common_share(wide, codec) or 0.0, _guess(wide, exclude=codec)
+        if guess and guess[0] > 2 * own + 0.1:
+            raise _looks_like(path, f"does not read as {codec} (few common characters)", guess[1], line_based)
+
+
+def _looks_like(path: str | Path, what: str, codec: str, line_based: bool) -> DataError:
+    return DataError(f"{path}: {what}; it looks like {encoding_label(codec)}; {_how_to_read(codec, line_based)}")
+
+
+def _decodes(data: bytes, codec: str) -> bool:
+    try:
+        data.decode(codec)
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def _decodes_mostly(lines: list[bytes], codec: str) -> bool:
+    return sum(_decodes(line, codec) for line in lines) * 2 > len(lines)
+
+
+def not_decodable(raw: bytes, codec: str) -> str:
+    """Why one line is a bad record: it does not decode (and what it might be in instead)."""
+    guess = _guess([raw], exclude=codec)
+    hint = f" (it reads as {encoding_label(guess[1])}: is part of the file in another encoding?)" if guess else ""
+    return f"not valid {encoding_label(codec)}{hint}"
+
+
+class Utf8Source:
+    """A binary file of `codec` text, handed on as ijson wants it: UTF-8 bytes without a byte-order mark.
+    UTF-8 is only checked (decoded and dropped), so its bytes pass through unchanged. After a
+    UnicodeDecodeError, `error_offset` is where in the file the bytes that did not decode are."""
+
+    def __init__(self, f, codec: str):
+        self._f, self._codec = f, codec
+        self._decoder = codecs.getincrementaldecoder(codec)()
+        self._started = False
+        self.error_offset = 0
+
+    def read(self, n: int = -1) -> bytes:
+        if n == 0:
+            return b""
+        while True:
+            pending = len(self._decoder.getstate()[0])  # bytes of a character cut by the last block
+            data = self._f.read(n)
+            try:
+                text = self._decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                self.error_offset = self._f.tell() - len(data) - pending + e.start
+                raise
+            out = data if self._codec == "utf-8" else text.encode("utf-8")
+            if not self._started and out:
+                self._started = True
+                out = out.removeprefix(codecs.BOM_UTF8)
+            if out or not data:
+                return out
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+
+def undecodable_at(path: str | Path, codec: str, offset: int) -> str:
+    """'line N: not valid ...' for bytes at `offset` that did not decode in a stream (a JSON array),
+    found by counting newlines: this runs once, on the way to an error."""
+    line, line_start, done = 1, 0, 0
+    with open(path, "rb") as f:
+        while done < offset and (block := f.read(min(1 << 20, offset - done))):
+            line += block.count(b"\n")
+            if (cut := block.rfind(b"\n")) >= 0:
+                line_start = done + cut + 1
+            done += len(block)
+        f.seek(line_start)
+        raw = f.readline(1 << 16)  # enough for the hint at what it might be in; a JSON array may be one line
+    return f"line {line}: {not_decodable(raw, codec)}"
 
 
 # --- cleaning -------------------------------------------------------------------------------------
@@ -138,20 +406,115 @@ def strip_pos_tags(line: str) -> str:
     return _POS_TAG.sub("", line)
 
 
+# --- CSV ------------------------------------------------------------------------------------------
+
+# long documents are longer than the csv module's default limit of 128 KB per field
+_CSV_FIELD_LIMIT = 1 << 30
+
+
+class CsvFile:
+    """The rows of a CSV file (tab-separated for .tsv) with the line each starts on. The first line is
+    the header. Lines are decoded one by one, so a line that does not decode spoils only its row."""
+
+    def __init__(self, path: str | Path, codec: str = "utf-8"):
+        if csv.field_size_limit() < _CSV_FIELD_LIMIT:
+            csv.field_size_limit(_CSV_FIELD_LIMIT)
+        self.path, self.codec = Path(path), codec
+        self.bytes_read = 0
+        self._undecodable: dict[int, str] = {}  # line number -> why
+        self._file = open(self.path, "rb")
+        delimiter = "\t" if self.path.suffix.lower() == ".tsv" else ","
+        # strict: an unbalanced quote is an error on its line, not a field silently running on to the end
+        self._reader = csv.reader(self._lines(), delimiter=delimiter, strict=True)
+        self.header = self._read_header()
+
+    def __enter__(self) -> "CsvFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+    def _lines(self) -> Iterator[str]:
+        for number, raw in enumerate(self._file, start=1):
+            self.bytes_read += len(raw)
+            try:
+                text = raw.decode(self.codec)
+            except UnicodeDecodeError:
+                self._undecodable[number] = not_decodable(raw, self.codec)
+                text = raw.decode(self.codec, errors="replace")
+            yield text.lstrip("\ufeff") if number == 1 else text
+
+    def _read_header(self) -> list[str]:
+        try:
+            header = next(self._reader, None)
+        except csv.Error as e:
+            self._file.close()
+            raise DataError(f"{self.path}: line 1: malformed CSV header ({e})") from None
+        if not header or not any(name.strip() for name in header) or self._undecodable:
+            self._file.close()
+            why = self._undecodable.get(1, "no column names")
+            raise DataError(f"{self.path}: line 1: not a CSV header ({why}); the first line must name the columns")
+        return [name.strip() for name in header]
+
+    def rows(self) -> Iterator[tuple[int, dict | None, str]]:
+        """(line the row starts on, {column: value}, "") per row; (line, None, why) for a bad row.
+        Blank lines are passed over."""
+        while True:
+            start = self._reader.line_num + 1
+            try:
+                fields = next(self._reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                yield start, None, f"malformed CSV ({e})"
+                continue
+            spoilt = [self._undecodable.pop(n) for n in range(start, self._reader.line_num + 1)
+                      if n in self._undecodable]
+            if spoilt:
+                yield start, None, spoilt[0]
+            elif not any(f.strip() for f in fields):
+                continue
+            elif len(fields) != len(self.header):
+                yield start, None, (f"row has {len(fields)} fields, the header has {len(self.header)} "
+                                    f"(an unquoted delimiter or quote in the text?)")
+            else:
+                yield start, dict(zip(self.header, fields)), ""
+
+
+def _csv_text_column(path: Path, layout: str, header: list[str]) -> str:
+    """The column that holds the documents: named by csv:COLUMN, or the one text-like column name."""
+    if layout.startswith("csv:"):
+        column = layout.split(":", 1)[1]
+        if column not in header:
+            raise DataError(f"{path}: no column '{column}' (columns: {', '.join(header)})")
+        return column
+    text_like = [name for name in header if name.lower() in CSV_TEXT_KEYS]
+    if len(text_like) != 1:
+        which = f"several columns could be the text ({', '.join(text_like)})" if text_like \
+            else "no column is named like text"
+        raise DataError(f"{path}: {which}; columns: {', '.join(header)}; pass {path}::csv:COLUMN "
+                        f"or --layout csv:COLUMN")
+    warnings.warn(f"{path}: reading the text from column '{text_like[0]}' "
+                  f"(pass {path}::csv:COLUMN for another)", DataWarning, stacklevel=2)
+    return text_like[0]
+
+
 # --- raw chunks: what the main process reads and the workers parse --------------------------------
 
 @dataclass
 class RawChunk:
     """A slice of one source. Text and JSON lines: a byte range of whole lines, which the worker reads
-    itself (the main process passes no text around). JSON arrays and Parquet: the parsed records."""
+    itself (the main process passes no text around). JSON arrays and Parquet: the parsed records.
+    CSV: (line, text, why it is bad or "") per row, parsed in the main process."""
 
     source: str
     container: str
     layout: str
-    start: int  # 1-based line number (text, jsonl) or record number (json, parquet) of the first item
-    items: list  # json, parquet: the records; text, jsonl: empty (read from offset)
+    start: int  # 1-based line number (text, jsonl, csv) or record number (json, parquet) of the first item
+    items: list  # json, parquet: the records; csv: (line, text, problem); text, jsonl: empty (read from offset)
     nbytes: int = 0  # size in the file
     offset: int = 0  # text, jsonl: where the byte range starts
+    encoding: str = "utf-8"  # text, jsonl: the codec the worker decodes the byte range with
 
     def read(self) -> bytes:
         with open(self.source, "rb") as f:
@@ -159,24 +522,52 @@ class RawChunk:
             return f.read(self.nbytes)
 
 
-def read_chunks(path: str | Path, layout: str = "auto", chunk_bytes: int = 1 << 20) -> Iterator[RawChunk]:
-    """Stream a file as chunks of roughly `chunk_bytes`; parsing is left to `parse_chunk`."""
+def read_chunks(path: str | Path, layout: str = "auto", chunk_bytes: int = 1 << 20,
+                encoding: str = "utf-8") -> Iterator[RawChunk]:
+    """Stream a file as chunks of roughly `chunk_bytes`; parsing is left to `parse_chunk`.
+    The file's encoding is checked first (see check_encoding)."""
     path = Path(path)
     check_readable(path)
-    container = container_of(path)
-    if layout != "auto" and layout not in LAYOUTS and not layout.startswith("field:"):
-        raise DataError(f"unknown layout '{layout}' (choose from {', '.join(LAYOUTS)}, field:NAME)")
-    if container in ("text", "jsonl"):
-        if container == "text" and layout == "auto":
-            layout = "lines"
-        yield from _line_chunks(path, container, layout, chunk_bytes)
-    elif container == "json":
-        yield from _json_array_chunks(path, layout, chunk_bytes)
-    else:
+    check_layout(layout, path)
+    container, layout = _container_and_layout(path, layout, codec_name(encoding, path=path))
+    if container == "parquet":
         yield from _parquet_chunks(path, layout, chunk_bytes)
+        return
+    codec = check_encoding(path, encoding, line_based=container != "json")
+    if container in ("text", "jsonl"):
+        yield from _line_chunks(path, container, layout, chunk_bytes, codec)
+    elif container == "csv":
+        yield from _csv_chunks(path, layout, chunk_bytes, codec)
+    else:
+        yield from _json_array_chunks(path, layout, chunk_bytes, codec)
 
 
-def _line_chunks(path: Path, container: str, layout: str, chunk_bytes: int) -> Iterator[RawChunk]:
+def _container_and_layout(path: Path, layout: str, codec: str) -> tuple[str, str]:
+    """How to read the file: csv:COLUMN makes any file CSV; a plain-text layout on a .csv file reads
+    it as text lines (with a warning: header, quotes and every column become documents)."""
+    container = container_of(path, codec)
+    if container == "parquet":
+        return container, layout
+    if layout.startswith("csv:"):
+        return "csv", layout
+    if container == "csv":
+        if layout in PLAIN_TEXT_LAYOUTS:
+            warnings.warn(f"{path} is read as plain text ({layout}): its header, every column and the quotes "
+                          f"become training text; pass {path}::csv:COLUMN to take the text from one column",
+                          DataWarning, stacklevel=2)
+            return "text", layout
+        if layout.startswith("field:"):
+            return "csv", "csv:" + layout.split(":", 1)[1]
+        if layout != "auto":
+            raise DataError(f"{path}: layout '{layout}' does not apply to CSV (use csv:COLUMN, "
+                            f"or lines to read it as plain text)")
+        return "csv", layout
+    if container == "text" and layout == "auto":
+        layout = "lines"
+    return container, layout
+
+
+def _line_chunks(path: Path, container: str, layout: str, chunk_bytes: int, codec: str) -> Iterator[RawChunk]:
     """Byte ranges of whole lines. The main process only finds where each range ends and counts its
     newlines (for line numbers in messages); the workers read, decode and split it, so adding
     workers is not held back by the main process or by pushing the text through pipes."""
@@ -191,17 +582,18 @@ def _line_chunks(path: Path, container: str, layout: str, chunk_bytes: int) -> I
                 while last.strip() and (last := f.readline()):
                     parts.append(last)
             nbytes = sum(map(len, parts))
-            yield RawChunk(str(path), container, layout, start, [], nbytes, offset)
+            yield RawChunk(str(path), container, layout, start, [], nbytes, offset, codec)
             offset += nbytes
             start += sum(p.count(b"\n") for p in parts)
 
 
-def _json_array_chunks(path: Path, layout: str, chunk_bytes: int) -> Iterator[RawChunk]:
+def _json_array_chunks(path: Path, layout: str, chunk_bytes: int, codec: str) -> Iterator[RawChunk]:
     import ijson
 
     items: list = []
     size, start, n, consumed = 0, 1, 0, 0
-    with open(path, "rb") as f:
+    with open(path, "rb") as raw:
+        f = Utf8Source(raw, codec)
         try:
             for rec in ijson.items(f, "item", use_float=True):
                 n += 1
@@ -211,12 +603,29 @@ def _json_array_chunks(path: Path, layout: str, chunk_bytes: int) -> Iterator[Ra
                     yield RawChunk(str(path), "json", layout, start, items, f.tell() - consumed)
                     consumed = f.tell()
                     items, size, start = [], 0, n + 1
-        except ijson.common.IncompleteJSONError as e:
-            raise DataError(f"{path}: record {n + 1}: malformed JSON array ({e})") from None
+        except ijson.JSONError as e:
+            raise DataError(f"{path}: record {n + 1}: malformed JSON array ({str(e).splitlines()[0]})") from None
         except UnicodeDecodeError:
-            raise DataError(f"{path}: record {n + 1}: not valid UTF-8 (convert it, e.g. iconv -f gbk -t utf-8)") from None
+            # a JSON array is one record stream: after bytes that do not decode there is no next record
+            raise DataError(f"{path}: {undecodable_at(path, codec, f.error_offset)}") from None
     if items:
         yield RawChunk(str(path), "json", layout, start, items, path.stat().st_size - consumed)
+
+
+def _csv_chunks(path: Path, layout: str, chunk_bytes: int, codec: str) -> Iterator[RawChunk]:
+    with CsvFile(path, codec) as table:
+        column = _csv_text_column(path, layout, table.header)
+        items: list = []
+        size, consumed = 0, 0
+        for line, row, problem in table.rows():
+            text = row[column] if row else None
+            items.append((line, text, problem))
+            size += len(text or "") * 3
+            if size >= chunk_bytes:
+                yield RawChunk(str(path), "csv", "csv:" + column, items[0][0], items, table.bytes_read - consumed)
+                items, size, consumed = [], 0, table.bytes_read
+        if items:
+            yield RawChunk(str(path), "csv", "csv:" + column, items[0][0], items, path.stat().st_size - consumed)
 
 
 def _approx_size(rec: Any) -> int:
@@ -261,19 +670,19 @@ def parse_chunk(chunk: RawChunk, on_error: str = "raise", stats: ReadStats | Non
     """Turn a raw chunk into cleaned documents. Bad records raise DataError naming file and line,
     or, with on_error='skip', are counted in `stats` (the documented policy of --on-error skip)."""
     stats = stats if stats is not None else ReadStats()
-    where_unit = "line" if chunk.container in ("text", "jsonl") else "record"
+    unit = "line" if chunk.container in ("text", "jsonl", "csv") else "record"
     docs: list[str] = []
 
-    def bad(index: int, why: str) -> None:
-        where = f"{chunk.source}: {where_unit} {chunk.start + index}"
+    def bad(number: int, why: str) -> None:
+        where = f"{chunk.source}: {unit} {number}"
         if on_error == "skip":
             stats.skip(where, why)
         else:
             raise DataError(f"{where}: {why}")
 
-    def add(text: Any, index: int) -> None:
+    def add(text: Any, number: int) -> None:
         if not isinstance(text, str):
-            bad(index, f"text is {type(text).__name__}, not a string")
+            bad(number, f"text is {type(text).__name__}, not a string")
             return
         text = clean_text(text)
         if text:
@@ -281,69 +690,88 @@ def parse_chunk(chunk: RawChunk, on_error: str = "raise", stats: ReadStats | Non
             stats.documents += 1
             stats.characters += len(text)
 
-    if chunk.container in ("text", "jsonl"):
-        data = chunk.read()
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            # the wrong encoding is a property of the file, not of one line: never skip it
-            line_no = chunk.start + data.count(b"\n", 0, e.start)
-            raise DataError(f"{chunk.source}: line {line_no}: not valid UTF-8 "
-                            f"(is it GBK? convert it: iconv -f gbk -t utf-8)") from None
-        lines = text.split("\n")  # only \n, as when iterating over the file (not str.splitlines)
-        if text.endswith("\n"):
-            lines.pop()
-        if chunk.offset == 0 and lines:
-            lines[0] = lines[0].lstrip("\ufeff")
-        if chunk.container == "text":
-            _parse_text_lines(lines, chunk.layout, add)
-        else:
-            extract = None
-            for i, line in enumerate(lines):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    bad(i, f"malformed JSON ({e.msg} at column {e.colno})")
-                    continue
-                try:
-                    extract = extract or record_extractor(chunk.layout, rec)
-                    add(extract(rec), i)
-                except (KeyError, TypeError) as e:
-                    bad(i, f"record has no {e} field for layout '{chunk.layout}'")
-                except DataError as e:
-                    raise DataError(f"{chunk.source}: line {chunk.start + i}: {e}") from None
+    if chunk.container == "text":
+        _parse_text_lines(_decoded_lines(chunk, bad), chunk.layout, chunk.start, add)
+    elif chunk.container == "jsonl":
+        records = _json_lines(_decoded_lines(chunk, bad), chunk.start, bad)
+        _add_records(records, chunk, unit, add, bad)
+    elif chunk.container == "csv":
+        for line, text, problem in chunk.items:
+            if problem:
+                bad(line, problem)
+            else:
+                add(text, line)
     else:
-        extract = None
-        for i, rec in enumerate(chunk.items):
-            try:
-                extract = extract or record_extractor(chunk.layout, rec)
-                add(extract(rec), i)
-            except (KeyError, TypeError) as e:
-                bad(i, f"record has no {e} field for layout '{chunk.layout}'")
-            except DataError as e:
-                raise DataError(f"{chunk.source}: record {chunk.start + i}: {e}") from None
+        _add_records(enumerate(chunk.items, start=chunk.start), chunk, unit, add, bad)
     return docs
 
 
-def _parse_text_lines(lines: list[str], layout: str, add: Callable[[Any, int], None]) -> None:
+def _decoded_lines(chunk: RawChunk, bad: Callable[[int, str], None]) -> list[str | None]:
+    """The chunk's lines; a line that does not decode is reported to `bad` and left as None."""
+    data = chunk.read()
+    try:
+        lines: list[str | None] = data.decode(chunk.encoding).split("\n")  # only \n, as when iterating a file
+    except UnicodeDecodeError:  # rare: decode line by line to keep the others
+        lines = [_decode_line(raw, chunk.encoding, chunk.start + i, bad) for i, raw in enumerate(data.split(b"\n"))]
+    if data.endswith(b"\n"):
+        lines.pop()
+    if chunk.offset == 0 and lines and lines[0] is not None:
+        lines[0] = lines[0].lstrip("\ufeff")  # a byte-order mark
+    return lines
+
+
+def _decode_line(raw: bytes, codec: str, number: int, bad: Callable[[int, str], None]) -> str | None:
+    try:
+        return raw.decode(codec)
+    except UnicodeDecodeError:
+        bad(number, not_decodable(raw, codec))
+        return None
+
+
+def _json_lines(lines: list[str | None], start: int, bad: Callable[[int, str], None]) -> Iterator[tuple[int, Any]]:
+    for i, line in enumerate(lines):
+        if line is None or not line.strip():
+            continue
+        try:
+            yield start + i, json.loads(line)
+        except json.JSONDecodeError as e:
+            bad(start + i, f"malformed JSON ({e.msg} at column {e.colno})")
+
+
+def _add_records(records: Iterable[tuple[int, Any]], chunk: RawChunk, unit: str,
+                 add: Callable[[Any, int], None], bad: Callable[[int, str], None]) -> None:
+    extract = None
+    for number, rec in records:
+        try:
+            extract = extract or record_extractor(chunk.layout, rec)
+            add(extract(rec), number)
+        except (KeyError, TypeError) as e:
+            bad(number, f"record has no {e} field for layout '{chunk.layout}'")
+        except DataError as e:
+            raise DataError(f"{chunk.source}: {unit} {number}: {e}") from None
+
+
+def _parse_text_lines(lines: list[str | None], layout: str, start: int, add: Callable[[Any, int], None]) -> None:
+    """Lines that did not decode are None (already reported): they are left out, and so is their paragraph."""
     if layout in ("lines", "auto"):
         for i, line in enumerate(lines):
-            add(line, i)
+            if line is not None:
+                add(line, start + i)
     elif layout == "peoples_daily":
         for i, line in enumerate(lines):
-            add(strip_pos_tags(line.strip()), i)
+            if line is not None:
+                add(strip_pos_tags(line.strip()), start + i)
     elif layout == "paragraphs":
-        para: list[str] = []
+        para: list[str | None] = []
         first = 0
-        for i, line in enumerate(lines + [""]):
-            if line.strip():
+        for i, line in enumerate([*lines, ""]):
+            if line is None or line.strip():
                 if not para:
                     first = i
-                para.append(line.rstrip("\r\n"))
+                para.append(line)
             elif para:
-                add("\n".join(para), first)
+                if None not in para:
+                    add("\n".join(p.rstrip("\r\n") for p in para), start + first)
                 para = []
     else:
         raise DataError(f"layout '{layout}' does not apply to plain text (use lines, paragraphs or peoples_daily)")
@@ -358,8 +786,8 @@ def split_input_spec(spec: str, default_layout: str = "auto") -> tuple[str, str]
 
 
 def iter_documents(path: str | Path, layout: str = "auto", on_error: str = "raise",
-                   stats: ReadStats | None = None) -> Iterator[str]:
+                   stats: ReadStats | None = None, encoding: str = "utf-8") -> Iterator[str]:
     """Every cleaned document of a file (or 'FILE::LAYOUT'), in order, streaming."""
     path, layout = split_input_spec(str(path), layout)
-    for chunk in read_chunks(path, layout):
+    for chunk in read_chunks(path, layout, encoding=encoding):
         yield from parse_chunk(chunk, on_error, stats)

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import torch
 
-from babyllama.config import RunConfig, TrainConfig
+from babyllama.config import ConfigError, RunConfig, TrainConfig, check_float
 from babyllama.data.sft import (PackedSFTBatches, SFTBatches, SFTSample, SFTStats, build_sft_samples, collate,
-                                collate_packed, fit_to_window, is_prepared_sft, load_prepared_sft)
+                                collate_packed, fit_to_window, is_prepared_sft, load_prepared_sft,
+                                samples_fingerprint)
 from babyllama.tokenizer.chat import ChatTemplate
-from babyllama.train import checkpoint as ckpt_io
 from babyllama.train.loop import Trainer
+from babyllama.outputs import write_text_atomic
+from babyllama.train.rundir import check_resume_matches, open_run_dir, write_run_info
 
 
 def default_sft_train() -> TrainConfig:
@@ -36,37 +38,62 @@ class SFTJob:
     pack: bool = False  # several short conversations per row (rows of max_seq_len tokens), kept apart
     stop_at_step: int | None = None  # pause here with a checkpoint; resume continues the same schedule
     dropout: float | None = None  # override the model's dropout while fine-tuning (small data overfits)
+    overwrite: bool = False  # start over in an `out` that holds a run (babyllama's files only are removed)
+    allow_unverified: bool = False  # accept checkpoints without checksums.json (--ckpt, --resume)
+    encoding: str = "utf-8"  # of the SFT files (GB18030/GBK corpora: "gb18030")
+
+    def __post_init__(self) -> None:
+        check_float("--val-fraction", self.val_fraction, 0, 1, high_open=True)
+        if self.dropout is not None:
+            check_float("--dropout", self.dropout, 0, 1, high_open=True)
+        if self.on_error not in ("skip", "raise"):
+            raise ConfigError(f"--on-error must be skip or raise, got {self.on_error!r}")
+        if not self.data:
+            raise ConfigError("--data: give at least one SFT file or prepared directory")
 
 
 def load_sft_samples(data: list[str], template: ChatTemplate, max_len: int, layout: str = "auto",
-                     val_fraction: float = 0.02, on_error: str = "skip", verbose: bool = True):
+                     val_fraction: float = 0.02, on_error: str = "skip", verbose: bool = True,
+                     encoding: str = "utf-8"):
     """(train, val, report) from SFT files (read and tokenized now) and/or directories that
     `babyllama data sft` prepared (checked against the model's tokenizer)."""
     prepared = [d for d in data if is_prepared_sft(d)]
     files = [d for d in data if d not in prepared]
-    train, val, report = build_sft_samples(files, template, max_len, layout, val_fraction, on_error, verbose) \
-        if files else ([], [], {"conversations": 0, "skipped": 0, "skipped_where": [], "truncated_prompt": 0,
-                                 "truncated_reply": 0})
+    train, val, report = build_sft_samples(files, template, max_len, layout, val_fraction, on_error, verbose,
+                                           encoding=encoding) \
+        if files else ([], [], {"conversations": 0, "skipped": 0, "skipped_where": [], "fixed": 0,
+                                 "truncated_prompt": 0, "truncated_reply": 0})
     for directory in prepared:
         t, v, m = load_prepared_sft(directory, template.tok.fingerprint)
         cut = SFTStats()  # prepared for a longer window than this model's: the same policy again
         t, v = ([SFTSample(*fit_to_window(s.ids, s.labels, max_len, cut, template.header_len)) for s in split]
                 for split in (t, v))
         train, val = train + t, val + v
-        for key in ("conversations", "skipped", "truncated_prompt", "truncated_reply"):
-            report[key] += m[key] + getattr(cut, key, 0)
+        for key in ("conversations", "skipped", "fixed", "truncated_prompt", "truncated_reply"):
+            report[key] = report.get(key, 0) + m.get(key, 0) + getattr(cut, key, 0)
     report.update(train=len(train), val=len(val), max_len=max_len)
     return train, val, report
 
 
 def sft(job: SFTJob) -> dict:
-    from babyllama.infer.generate import load_for_inference
     from babyllama.train.distributed import distributed_env
     from babyllama.train.runtime import pick_device
 
     env = distributed_env(pick_device(job.train.device).type)
+    out = Path(job.out)
+    run = open_run_dir(out, job.resume, job.overwrite, [*job.data, job.ckpt], writer=env.is_main)
+    try:
+        return _sft(job, env, out)
+    finally:
+        run.close()
+
+
+def _sft(job: SFTJob, env, out: Path) -> dict:
+    from babyllama.infer.generate import load_for_inference
+
     show = job.progress and env.is_main
-    model, tok, src_ckpt = load_for_inference(job.ckpt, "cpu", for_decoding=False)
+    model, tok, src_ckpt = load_for_inference(job.ckpt, "cpu", for_decoding=False,
+                                              allow_unverified=job.allow_unverified)
     if job.dropout is not None and job.dropout != model.config.dropout:
         import dataclasses
 
@@ -82,18 +109,16 @@ def sft(job: SFTJob) -> dict:
     template = ChatTemplate(tok)
     cfg = model.config
     train, val, report = load_sft_samples(job.data, template, cfg.max_seq_len + 1, job.layout, job.val_fraction,
-                                          job.on_error, show)
-    out = Path(job.out)
-    has_checkpoint = (out / ckpt_io.CKPT_DIR / "latest").is_file()
-    if has_checkpoint and not job.resume:
-        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+                                          job.on_error, show, encoding=job.encoding)
+    data = {"path": ", ".join(job.data), "fingerprint": samples_fingerprint(train, val)}
     run = RunConfig(model=cfg, train=job.train)
     if env.is_main:
-        tok.save(out / "tokenizer")
-        (out / "run_config.toml").write_text(run.to_toml(), encoding="utf-8")
-        (out / "sft_data.json").write_text(json.dumps({**report, "source_checkpoint": str(src_ckpt)}, indent=2,
-                                                      ensure_ascii=False), encoding="utf-8")
+        if job.resume:
+            check_resume_matches(out, "sft", data, tok.fingerprint,
+                                 f"or fine-tune further in a new run: --ckpt {out}")
+        else:  # what a resume must match, written before anything else of the run
+            write_run_info(out, "sft", data, tok.fingerprint, source_checkpoint=str(src_ckpt))
+            tok.save(out / "tokenizer")
     bs = job.train.batch_size
     vbs = bs * env.world_size  # validation batches are global: each rank evaluates its share
     val = val[:vbs * job.train.eval_batches]
@@ -107,10 +132,14 @@ def sft(job: SFTJob) -> dict:
     trainer = Trainer(model, cfg, job.train, batches, out, val_batches=val_batches or None,
                       run_config=run.to_dict(), progress=show)
     if job.resume:
-        trainer.resume()
+        trainer.resume(allow_unverified=job.allow_unverified)
+    if env.is_main:  # after a resume was accepted: a refused one changes nothing
+        write_text_atomic(out / "run_config.toml", run.to_toml())
+        write_text_atomic(out / "sft_data.json", json.dumps({**report, "source_checkpoint": str(src_ckpt)},
+                                                            indent=2, ensure_ascii=False))
     if show:
         print(f"SFT: {report['train']:,} training / {report['val']:,} validation conversations "
-              f"({report['skipped']} skipped, {report['truncated_prompt']} prompts and "
+              f"({report['skipped']} skipped, {report.get('fixed', 0)} fixed, {report['truncated_prompt']} prompts and "
               f"{report['truncated_reply']} replies truncated to {cfg.max_seq_len} tokens)")
     summary = trainer.fit(job.stop_at_step)
     summary["data"] = report

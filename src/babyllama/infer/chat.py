@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import sys
+import warnings
 from typing import Callable
 
 import torch
 
-from babyllama.infer.generate import stream_text
-from babyllama.infer.sampling import SamplingConfig
+from babyllama.config import ConfigError
+from babyllama.infer.generate import prompt_cut_warning, reply_room, stream_text
+from babyllama.infer.sampling import SamplingConfig, check_max_new_tokens
+from babyllama.infer.text import check_encoding, user_text
 from babyllama.tokenizer.chat import ChatTemplate, Message
 
 
@@ -22,31 +26,86 @@ def fit_history(template: ChatTemplate, messages: list[Message], budget: int) ->
     return system + rest
 
 
+def fit_chat_prompt(template: ChatTemplate, messages: list[Message], limit: int, max_new_tokens: int) -> list[int]:
+    """The prompt ids for the next reply, leaving reply_room() tokens of the `limit`-token context.
+
+    First whole old turns go (`fit_history`); if the rest is still too long, the earliest tokens
+    of the message contents go, the oldest non-system message first, the system prompt last, with
+    a warning. Every `<|im_start|>role\\n`, every `<|im_end|>` and the final assistant header stay."""
+    check_max_new_tokens(max_new_tokens)
+    reserve = reply_room(limit, max_new_tokens)
+    budget = limit - reserve
+    messages = fit_history(template, messages, budget)
+    segments = template.segments(messages, add_generation_prompt=True)
+    total = sum(len(s) for s in segments)
+    excess = total - budget
+    if excess <= 0:
+        return [i for s in segments for i in s.ids()]
+    order = [i for i, m in enumerate(messages) if m.role != "system"] + \
+            [i for i, m in enumerate(messages) if m.role == "system"]
+    for i in order:
+        cut = min(excess, len(segments[i].content))
+        segments[i].content = segments[i].content[cut:]
+        excess -= cut
+    if excess > 0:
+        markers = sum(len(s) for s in segments)
+        raise ConfigError(f"the model's context of {limit} tokens, {reserve} of them kept for the reply, cannot "
+                          f"hold even the {markers} tokens of this conversation's turn markers; "
+                          f"lower --max-new-tokens or drop the system prompt")
+    warnings.warn(prompt_cut_warning("chat prompt", total, limit, reserve, total - budget, " of message text")
+                  + " (every turn's role header kept)", stacklevel=3)
+    return [i for s in segments for i in s.ids()]
+
+
 @torch.no_grad()
 def chat_reply(model, tokenizer, template: ChatTemplate, messages: list[Message], max_new_tokens: int = 256,
                sampling: SamplingConfig | None = None, on_text: Callable[[str], None] | None = None) -> str:
-    """Generate the assistant's next reply to `messages`, stopping at <|im_end|>."""
+    """Generate the assistant's next reply to `messages`, stopping at <|im_end|>. The reply gets at
+    most half the context; a conversation too long for the rest is cut by `fit_chat_prompt`."""
+    check_max_new_tokens(max_new_tokens)
     limit = model.config.max_seq_len
-    max_new_tokens = min(max_new_tokens, limit // 2)
-    messages = fit_history(template, messages, limit - max_new_tokens)
-    prompt = template.prompt_ids(messages)[-(limit - max_new_tokens):]
+    prompt = fit_chat_prompt(template, messages, limit, max_new_tokens)
+    max_new_tokens = reply_room(limit, max_new_tokens)
     return stream_text(model, tokenizer, prompt, max_new_tokens, sampling, (template.end_id, tokenizer.eos_id), on_text)
 
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (set a system prompt), /exit"
 
 
+def tolerate_bad_bytes(stream=None) -> None:
+    """Let a text stream (default sys.stdin) hand undecodable bytes over as surrogates
+    (`user_text` then decodes or reports them) instead of raising UnicodeDecodeError."""
+    stream = sys.stdin if stream is None else stream
+    if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+        try:
+            stream.reconfigure(errors="surrogateescape")
+        except (ValueError, io.UnsupportedOperation):  # closed or detached: nothing to read from anyway
+            pass
+
+
 def repl(model, tokenizer, sampling: SamplingConfig, max_new_tokens: int = 256, system: str | None = None,
-         read: Callable[[str], str] = input, write: Callable[[str], None] = sys.stdout.write) -> None:
+         read: Callable[[str], str] = input, write: Callable[[str], None] = sys.stdout.write,
+         encoding: str | None = None) -> None:
+    """Chat on the terminal. `encoding` names what the terminal sends when it is not UTF-8 (e.g.
+    gb18030); a line that cannot be read is reported and the session goes on."""
+    check_max_new_tokens(max_new_tokens)
+    if encoding is not None:
+        check_encoding(encoding)
+    if read is input:
+        tolerate_bad_bytes()
     template = ChatTemplate(tokenizer)
+    system = user_text(system, encoding, "--system") if system else system
     history: list[Message] = [Message("system", system)] if system else []
     write(f"babyllama chat ({HELP})\n")
     while True:
         try:
-            line = read("你> ").strip()
+            line = user_text(read("你> "), encoding, "that line").strip()
         except (EOFError, KeyboardInterrupt):
             write("\n")
             return
+        except (ConfigError, UnicodeDecodeError) as e:
+            write(f"error: {e}\n")
+            continue
         if not line:
             continue
         if line in ("/exit", "/quit"):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
+from babyllama.config import ConfigError
 from babyllama.infer.decode import DecodeSession
-from babyllama.infer.sampling import SamplingConfig, sample_next
+from babyllama.infer.sampling import SamplingConfig, check_max_new_tokens, sample_next
 
 
 @torch.no_grad()
@@ -16,17 +18,22 @@ def generate_tokens(model, prompt: torch.Tensor, max_new_tokens: int, sampling: 
                     eos_id: int | None = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
     """Yield the next token ids (batch,) one step at a time.
 
-    prompt: (batch, length) ids, equal lengths. Stops at max_new_tokens, when every row has produced
-    `eos_id`, or when the context window is full. `use_cache=False` recomputes the whole prefix each
-    step; it exists to check the cache (both must give the same tokens).
+    prompt: (batch, length) ids, equal lengths, shorter than the context (`fit_prompt` cuts a longer
+    one). Stops at max_new_tokens, when every row has produced `eos_id`, or when the context window
+    is full. `use_cache=False` recomputes the whole prefix each step; it exists to check the cache
+    (both must give the same tokens).
     """
+    check_max_new_tokens(max_new_tokens)
     sampling = sampling or SamplingConfig()
+    sampling.validate()  # again: a field may have been changed since it was made
     model.eval()
     device = next(model.parameters()).device
     prompt = prompt.to(device)
     limit = model.config.max_seq_len
+    if prompt.shape[1] == 0:
+        raise ConfigError("the prompt is empty: generation needs at least one token to start from")
     if prompt.shape[1] >= limit:
-        raise ValueError(f"prompt has {prompt.shape[1]} tokens; the model's context is {limit}")
+        raise ConfigError(f"prompt has {prompt.shape[1]} tokens; the model's context is {limit}")
     max_new_tokens = min(max_new_tokens, limit - prompt.shape[1])
     generator = None
     if sampling.seed is not None:
@@ -77,6 +84,7 @@ class TextStreamer:
 def stream_text(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None,
                 stop_ids: tuple[int, ...] = (), on_text: Callable[[str], None] | None = None) -> str:
     """Generate after `prompt_ids` until a stop id (not included); stream whole characters to on_text."""
+    check_max_new_tokens(max_new_tokens)
     streamer = TextStreamer(tokenizer)
     pieces = []
     eos = stop_ids[0] if stop_ids else None
@@ -93,26 +101,55 @@ def stream_text(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, sa
     return "".join(pieces)
 
 
+def reply_room(max_seq_len: int, max_new_tokens: int) -> int:
+    """Tokens of the context kept free for the reply: max_new_tokens, but at most half the window."""
+    return max(1, min(max_new_tokens, max_seq_len // 2))
+
+
+def prompt_cut_warning(what: str, length: int, limit: int, reserve: int, dropped: int, detail: str = "") -> str:
+    return (f"{what} is {length} tokens; the context holds {limit}, {reserve} of them kept for the reply: "
+            f"the earliest {dropped} tokens{detail} were dropped")
+
+
+def fit_prompt(ids: list[int], limit: int, max_new_tokens: int, keep_first: int = 0) -> list[int]:
+    """`ids` cut to leave reply_room() tokens of the `limit`-token context: the earliest tokens go
+    (after the first `keep_first`, e.g. a document boundary), with a warning saying how many."""
+    check_max_new_tokens(max_new_tokens)
+    reserve = reply_room(limit, max_new_tokens)
+    budget = limit - reserve
+    if len(ids) <= budget:
+        return ids
+    keep_first = min(keep_first, budget - 1)
+    kept = ids[:keep_first] + ids[len(ids) - (budget - keep_first):]
+    warnings.warn(prompt_cut_warning("prompt", len(ids) - keep_first, limit, reserve, len(ids) - len(kept)),
+                  stacklevel=3)
+    return kept
+
+
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 200, sampling: SamplingConfig | None = None,
                   on_text: Callable[[str], None] | None = None, stop_at_eos: bool = True) -> str:
     """Continue `prompt`. The prompt is preceded by EOS, the document boundary the model saw in
-    pretraining, so it reads as the start of a new document."""
-    ids = [tokenizer.eos_id] + tokenizer.encode(prompt)
+    pretraining, so it reads as the start of a new document. A prompt too long for the context,
+    with room for the reply (see `reply_room`), loses its earliest tokens with a warning."""
+    check_max_new_tokens(max_new_tokens)
+    ids = fit_prompt([tokenizer.eos_id] + tokenizer.encode(prompt), model.config.max_seq_len, max_new_tokens,
+                     keep_first=1)
     return stream_text(model, tokenizer, ids, max_new_tokens, sampling,
                        (tokenizer.eos_id,) if stop_at_eos else (), on_text)
 
 
 def load_for_inference(path: str | Path, device: str = "auto", for_decoding: bool = True,
-                       compile_step: bool | None = None):
+                       compile_step: bool | None = None, allow_unverified: bool = False):
     """(model, tokenizer, checkpoint dir) from a run directory or a checkpoint directory.
     `for_decoding` lays the weights out for fast generation (infer/decode.py); pass False to get
-    the plain, trainable model. `compile_step`: see `prepare_for_decoding` (None: by model size)."""
+    the plain, trainable model. `compile_step`: see `prepare_for_decoding` (None: by model size).
+    `allow_unverified` accepts a checkpoint without checksums.json (one not written by babyllama)."""
     from babyllama.infer.decode import prepare_for_decoding
     from babyllama.tokenizer import load_tokenizer
     from babyllama.train.checkpoint import load_model
     from babyllama.train.runtime import pick_device
 
-    model, ckpt = load_model(path, pick_device(device))
+    model, ckpt = load_model(path, pick_device(device), allow_unverified=allow_unverified)
     if for_decoding:
         prepare_for_decoding(model, compile_step=compile_step)
     for candidate in (ckpt / "tokenizer", ckpt.parent.parent / "tokenizer", Path(path) / "tokenizer"):

@@ -2,22 +2,56 @@
 
 Defaults are chosen for small models, which otherwise loop: a mild repetition penalty (1.1),
 temperature 0.8, top-k 50, top-p 0.9. temperature=0 means greedy decoding.
+
+Settings are checked when a `SamplingConfig` is made (a ConfigError naming the flag), and
+`sample_next` returns valid token ids for any logits a model can produce: huge values, -inf, NaN
+(treated as -inf), half precision.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from babyllama.config import ConfigError
+
+
+def _number(flag: str, value, rule: str, ok) -> None:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and (isinstance(value, int) or math.isfinite(value)) and ok(value)):  # ints: no float overflow
+        raise ConfigError(f"{flag} must be {rule}, got {value!r}")
+
 
 @dataclass
 class SamplingConfig:
-    temperature: float = 0.8
+    """Each field is checked on creation; the messages name the command-line flag."""
+
+    temperature: float = 0.8  # 0 = greedy
     top_k: int = 50  # 0 disables
     top_p: float = 0.9  # 1.0 disables
     repetition_penalty: float = 1.1  # 1.0 disables; >1 discourages tokens already in the context
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _number("--temperature", self.temperature, "a finite number >= 0 (0 = greedy)", lambda v: v >= 0)
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ConfigError(f"--top-k must be an integer >= 0 (0 disables), got {self.top_k!r}")
+        _number("--top-p", self.top_p, "in (0, 1] (1 disables; for greedy decoding use --temperature 0)",
+                lambda v: 0 < v <= 1)
+        _number("--repetition-penalty", self.repetition_penalty, "a finite number > 0 (1 disables)", lambda v: v > 0)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**64):
+            raise ConfigError(f"--seed must be an integer in [0, 2**64), got {self.seed!r}")
+
+
+def check_max_new_tokens(max_new_tokens) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be an integer >= 1, got {max_new_tokens!r}")
 
 
 def apply_repetition_penalty(logits: torch.Tensor, context: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -44,18 +78,34 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     # drop a token when the tokens before it already reach p; the most likely token always stays
     drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= p
+    drop_sorted[:, 0] = False  # also when p is below float32's smallest number and rounds to 0
     drop = drop_sorted.scatter(1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
 
+def _sanitize(logits: torch.Tensor) -> torch.Tensor:
+    """NaN -> -inf (never chosen), +inf -> the largest float (chosen, without NaN in the softmax)."""
+    return torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max, neginf=float("-inf"))
+
+
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig, context: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (batch, vocab) -> next token ids (batch,)."""
+    """logits (batch, vocab) -> next token ids (batch,).
+
+    Works for any logits: the row maximum is moved to 0 before the temperature divides, so the
+    most likely token always keeps probability > 0 and the filters never remove every token; a
+    row without any usable logit (all -inf or NaN) is drawn from uniformly."""
     logits = logits.float()
     if context is not None:
         logits = apply_repetition_penalty(logits, context, cfg.repetition_penalty)
+    logits = _sanitize(logits)
     if cfg.temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = filter_top_p(filter_top_k(logits / cfg.temperature, cfg.top_k), cfg.top_p)
-    probs = logits.softmax(dim=-1)
+    top = logits.max(dim=-1, keepdim=True).values
+    hopeless = torch.isneginf(top)  # no finite logit in the row: every token equally likely
+    logits = torch.where(hopeless, torch.zeros_like(logits), logits - torch.where(hopeless, 0.0, top))
+    # now <= 0 with a 0 in every row; 0 stays 0 whatever the temperature (even one that is 0 in float32)
+    scaled = torch.where(logits == 0, 0.0, logits / cfg.temperature).nan_to_num(nan=float("-inf"))
+    scaled = filter_top_p(filter_top_k(scaled, cfg.top_k), cfg.top_p)
+    probs = scaled.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)

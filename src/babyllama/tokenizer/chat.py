@@ -32,6 +32,21 @@ class Message:
             raise ValueError(f"unknown role {self.role!r} (expected one of {', '.join(ROLES)})")
 
 
+@dataclass
+class Segment:
+    """One message's ids in a prompt: header `<|im_start|>role\n`, content, closing `<|im_end|>\n`."""
+
+    header: list[int]
+    content: list[int]
+    closing: list[int]
+
+    def ids(self) -> list[int]:
+        return self.header + self.content + self.closing
+
+    def __len__(self) -> int:
+        return len(self.header) + len(self.content) + len(self.closing)
+
+
 class ChatTemplate:
     def __init__(self, tokenizer: Tokenizer):
         self.tok = tokenizer
@@ -46,6 +61,17 @@ class ChatTemplate:
         self._role_ids = {role: tokenizer.encode(role + "\n") for role in ROLES}
         self._newline = tokenizer.encode("\n")
         self.header_len = 1 + len(self._role_ids["assistant"])  # <|im_start|>assistant\n
+
+    def segments(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> list[Segment]:
+        """The conversation as (header, content, closing) ids per message: `<|im_start|>role\n`,
+        the content, `<|im_end|>\n`. With add_generation_prompt, a last segment holds the assistant
+        header alone. Joined, they are `encode(...)[0]`; a cut content leaves every marker in place."""
+        contents = self.tok.encode_batch([m.content for m in messages]) if messages else []
+        out = [Segment([self.start_id, *self._role_ids[m.role]], list(content), [self.end_id, *self._newline])
+               for m, content in zip(messages, contents)]
+        if add_generation_prompt:
+            out.append(Segment([self.start_id, *self._role_ids["assistant"]], [], []))
+        return out
 
     def encode(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
         """Token ids and labels (-100 outside assistant replies) of a whole conversation."""

@@ -22,6 +22,9 @@ from babyllama.tokenizer import BOS, EOS, IM_END, IM_START, PAD, RESERVED, UNK, 
 
 # sentencepiece refuses longer "sentences"; documents are cut at line breaks, then at this length
 MAX_PIECE_OF_TEXT = 2000
+# 4 ids + 8 control tokens + the newline piece + 256 byte pieces, and room for some characters
+MIN_VOCAB = 300
+MAX_VOCAB = 1 << 20
 
 
 @dataclass
@@ -34,11 +37,22 @@ class TokenizerTrainConfig:
     character_coverage: float = 0.9995
     seed: int = 0
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    overwrite: bool = False  # replace a tokenizer already in `out` (never anything else)
+    encoding: str = "utf-8"  # of the input files (UTF-8 may have a byte-order mark); e.g. gb18030, big5
+
+    def __post_init__(self) -> None:
+        if not MIN_VOCAB <= self.vocab_size <= MAX_VOCAB:
+            raise TokenizerError(f"--vocab-size must be between {MIN_VOCAB} (specials and the 256 byte pieces) "
+                                 f"and {MAX_VOCAB:,}, got {self.vocab_size}")
+        if not 0 < self.character_coverage <= 1:
+            raise TokenizerError(f"--character-coverage must be in (0, 1], got {self.character_coverage}")
+        if self.max_sentences < 1:
+            raise TokenizerError(f"--max-sentences must be >= 1, got {self.max_sentences}")
 
 
 def _sentences(cfg: TokenizerTrainConfig) -> Iterator[str]:
     for path in cfg.inputs:
-        for doc in iter_documents(path, cfg.layout):
+        for doc in iter_documents(path, cfg.layout, encoding=cfg.encoding):
             for line in doc.split("\n"):
                 for i in range(0, len(line), MAX_PIECE_OF_TEXT):
                     piece = line[i:i + MAX_PIECE_OF_TEXT]
@@ -63,6 +77,11 @@ def _reservoir(items: Iterator[str], k: int, seed: int) -> list[str]:
 def train_tokenizer(cfg: TokenizerTrainConfig) -> SentencePieceTokenizer:
     import sentencepiece as spm
 
+    from babyllama.data.readers import split_input_spec
+    from babyllama.outputs import TOKENIZER, claim_output, staged_output, swap_in
+
+    out = Path(cfg.out)
+    claim_output(out, TOKENIZER, [split_input_spec(p)[0] for p in cfg.inputs], cfg.overwrite)  # before the work
     sentences = _reservoir(_sentences(cfg), cfg.max_sentences, cfg.seed)
     if not sentences:
         raise TokenizerError(f"no text found in {', '.join(cfg.inputs)}")
@@ -70,17 +89,30 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> SentencePieceTokenizer:
     try:
         _train_spm(spm, sentences, model, cfg)
     except RuntimeError as e:
-        if "required_chars" in str(e):
-            raise TokenizerError(f"--vocab-size {cfg.vocab_size} cannot hold the distinct characters of this corpus "
-                                 f"at character coverage {cfg.character_coverage} ({str(e).split('. ')[1]} needed); "
-                                 f"raise --vocab-size or lower --character-coverage") from None
-        raise
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tokenizer.model").write_bytes(model.getvalue())
-    tok = SentencePieceTokenizer(out / "tokenizer.model", kind="babyllama")
-    tok.save(out)
-    return tok
+        raise TokenizerError(_spm_error(str(e), cfg)) from None
+    work, lock = staged_output(out, "tokenizer")
+    try:
+        claim_output(out, TOKENIZER, (), cfg.overwrite)  # again under the lock
+        (work / "tokenizer.model").write_bytes(model.getvalue())
+        SentencePieceTokenizer(work / "tokenizer.model", kind="babyllama").save(work)
+        swap_in(work, out)
+    finally:
+        lock.release()
+    return SentencePieceTokenizer(out / "tokenizer.model", kind="babyllama")
+
+
+def _spm_error(message: str, cfg: TokenizerTrainConfig) -> str:
+    """sentencepiece's terse RuntimeErrors, as one line that says what to change."""
+    if "required_chars" in message:
+        needed = message.split(". ")[1] if ". " in message else message
+        return (f"--vocab-size {cfg.vocab_size} cannot hold the distinct characters of this corpus at character "
+                f"coverage {cfg.character_coverage} ({needed} needed); raise --vocab-size or lower "
+                f"--character-coverage")
+    if "Vocabulary size" in message and "too high" in message:
+        limit = message.rsplit("<=", 1)[-1].strip(" .")
+        return (f"--vocab-size {cfg.vocab_size} is more than this corpus has distinct pieces for (at most {limit}); "
+                f"lower --vocab-size or add text")
+    return f"sentencepiece could not train: {message.strip().splitlines()[-1]}"
 
 
 def _train_spm(spm, sentences: list[str], model: io.BytesIO, cfg: TokenizerTrainConfig) -> None:

@@ -17,6 +17,7 @@ by parameter name, whatever the number of processes that wrote them.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -124,62 +125,85 @@ def _prune(root: Path, keep: int, protect: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def verify_checkpoint(ckpt: Path) -> str | None:
-    """None if every file matches its recorded SHA-256, else what is wrong. Checkpoints written
-    before checksums existed pass (nothing to compare)."""
+def verify_checkpoint(ckpt: Path, allow_unverified: bool = False) -> str | None:
+    """None if every file matches its recorded SHA-256, else what is wrong. A checkpoint without
+    checksums (written by hand or by another tool) cannot be told from a damaged one: it is refused
+    unless `allow_unverified`."""
     sums_file = ckpt / CHECKSUMS
     if not sums_file.is_file():
-        return None
+        if not (ckpt / "model.safetensors").is_file():
+            return "model.safetensors is missing"
+        return None if allow_unverified else f"it has no {CHECKSUMS}, so it cannot be verified"
     try:
         sums = json.loads(sums_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        return f"{sums_file} unreadable ({e})"
+        return f"{CHECKSUMS} unreadable ({e})"
     for name, digest in sums.items():
         f = ckpt / name
         if not f.is_file():
-            return f"{f} is missing"
+            return f"{name} is missing"
         if _sha256(f) != digest:
-            return f"{f} does not match its checksum (truncated or corrupted)"
+            return f"{name} does not match its checksum (truncated or corrupted)"
     return None
 
 
-def find_checkpoint(path: str | Path, verify: bool = False, warn: Callable[[str], Any] | None = None) -> Path:
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Every finished checkpoint directory of a run, oldest first; the `latest` pointer is not needed
+    to find them, and damaged ones are listed too (verification says which)."""
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit())
+
+
+UNVERIFIED_HINT = "pass --allow-unverified to load a checkpoint that lacks checksums.json anyway"
+
+
+def find_checkpoint(path: str | Path, verify: bool = False, warn: Callable[[str], Any] | None = None,
+                    allow_unverified: bool = False) -> Path:
     """Accept a run directory (newest checkpoint in it) or a checkpoint directory itself. With
     `verify`, a run directory yields its newest checkpoint that passes its checksums (the damaged
-    ones are reported through `warn`); a named checkpoint that fails is an error."""
+    ones are reported through `warn`); a named checkpoint that fails is an error, and so is a run
+    whose checkpoints all fail (each named, with what is wrong)."""
     path = Path(path)
-    if (path / "model.safetensors").is_file():
-        problem = verify_checkpoint(path) if verify else None
+    if (path / "model.safetensors").is_file() or (path / CHECKSUMS).is_file():
+        problem = verify_checkpoint(path, allow_unverified) if verify else None
         if problem:
-            raise CheckpointError(f"{path}: damaged checkpoint: {problem}")
+            raise CheckpointError(f"{path}: {problem}" + ("; " + UNVERIFIED_HINT if "verified" in problem else ""))
         return path
-    root = path / CKPT_DIR
     if not path.exists():
         raise CheckpointError(f"{path}: no such directory")
-    done = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
-                  and (p / "model.safetensors").is_file()) if root.is_dir() else []
-    latest = root / "latest"
+    done = list_checkpoints(path)
+    latest = path / CKPT_DIR / "latest"
     if latest.is_file():  # normally the newest; trust it first
-        candidate = root / latest.read_text(encoding="utf-8").strip()
+        candidate = path / CKPT_DIR / latest.read_text(encoding="utf-8").strip()
         if candidate in done:
             done.remove(candidate)
             done.append(candidate)
     if not done:
-        raise CheckpointError(f"{path}: no checkpoint found (expected {root}/step-*/model.safetensors)")
+        raise CheckpointError(f"{path}: no checkpoint found (expected {path / CKPT_DIR}/step-*/model.safetensors)")
     if not verify:
         return done[-1]
+    problems = []
     for candidate in reversed(done):
-        problem = verify_checkpoint(candidate)
+        problem = verify_checkpoint(candidate, allow_unverified)
         if problem is None:
+            if allow_unverified and not (candidate / CHECKSUMS).is_file() and warn:
+                warn(f"warning: {candidate.name} has no {CHECKSUMS}; loading it unverified as asked")
             return candidate
+        problems.append(f"{candidate.name}: {problem}")
         if warn:
             warn(f"warning: skipping damaged checkpoint {candidate.name}: {problem}")
-    raise CheckpointError(f"{path}: every checkpoint is damaged (checksums do not match); the newest: {done[-1]}")
+    hint = "; " + UNVERIFIED_HINT if any("verified" in p for p in problems) else ""
+    raise CheckpointError(f"{path}: no usable checkpoint ({'; '.join(problems)}); nothing was changed{hint}")
 
 
 def read_model_config(ckpt: Path) -> ModelConfig:
-    meta = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
-    return ModelConfig(**meta["model"])
+    try:
+        meta = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
+        return ModelConfig(**meta["model"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{ckpt / 'config.json'}: not a babyllama model config ({e})") from None
 
 
 def load_state_file(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -188,9 +212,30 @@ def load_state_file(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
     state = load_state_file(ckpt)
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise CheckpointError(f"{ckpt}: its weights have another shape than this model ({wrong[0]}"
+                              f"{f' and {len(wrong) - 1} more' if len(wrong) > 1 else ''}); "
+                              f"{describe_shape_difference(ckpt, getattr(model, 'config', None))}")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{ckpt}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def describe_shape_difference(ckpt: Path, config: ModelConfig | None) -> str:
+    """'model.dim: 64 in the checkpoint, 256 here; ...' for the shape fields that differ."""
+    try:
+        theirs = read_model_config(ckpt)
+    except (OSError, ValueError, TypeError, KeyError):
+        return "use the model settings it was trained with"
+    if config is None:
+        return "use the model settings it was trained with"
+    diffs = [f"model.{f.name}: {getattr(theirs, f.name)} in the checkpoint, {getattr(config, f.name)} here"
+             for f in dataclasses.fields(ModelConfig) if getattr(theirs, f.name) != getattr(config, f.name)]
+    return "; ".join(diffs) + " (use the checkpoint's model settings)" if diffs else \
+        "use the model settings it was trained with"
 
 
 def load_training_state(ckpt: Path) -> tuple[dict | None, dict | None]:
@@ -200,13 +245,14 @@ def load_training_state(ckpt: Path) -> tuple[dict | None, dict | None]:
     return opt, state
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
+def load_model(path: str | Path, device: str | torch.device = "cpu", allow_unverified: bool = False):
     """(model, checkpoint dir) from a run directory or checkpoint directory, ready for inference."""
-    from babyllama.model import Llama
-
     import sys
 
-    ckpt = find_checkpoint(path, verify=True, warn=lambda msg: print(msg, file=sys.stderr))
+    from babyllama.model import Llama
+
+    ckpt = find_checkpoint(path, verify=True, warn=lambda msg: print(msg, file=sys.stderr),
+                           allow_unverified=allow_unverified)
     model = Llama(read_model_config(ckpt))
     load_weights(model, ckpt)
     return model.to(device).eval(), ckpt

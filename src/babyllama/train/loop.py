@@ -24,6 +24,7 @@ from babyllama.model.loss import IGNORE_INDEX
 from babyllama.train import checkpoint as ckpt_io
 from babyllama.train.distributed import distributed_env, full_state, gradient_sync, load_full_state, rank_device, wrap_model
 from babyllama.train.optim import build_optimizer, lr_at, param_groups
+from babyllama.train.rundir import trim_metrics
 from babyllama.train.runtime import autocast_context, peak_flops, pick_device, pick_dtype, tune_cpu_allocator
 
 
@@ -154,15 +155,18 @@ class Trainer:
         self.last_checkpoint = path
         return path
 
-    def resume(self, path: str | Path | None = None) -> bool:
-        """Continue from the newest checkpoint under `path` (default: the output directory)."""
-        try:
-            ckpt = ckpt_io.find_checkpoint(path or self.out, verify=True,
-                                           warn=print if self.env.is_main else None)
-        except ckpt_io.CheckpointError:
-            if path is not None:
-                raise
+    def resume(self, path: str | Path | None = None, allow_unverified: bool = False) -> bool:
+        """Continue from the newest good checkpoint under `path` (default: the output directory).
+        False when the output directory has no checkpoint at all; an error when it has some but
+        none passes its checksums (starting over would overwrite them)."""
+        if path is None and not ckpt_io.list_checkpoints(self.out):
             return False
+        ckpt = ckpt_io.find_checkpoint(path or self.out, verify=True, warn=print if self.env.is_main else None,
+                                       allow_unverified=allow_unverified)
+        saved = ckpt_io.read_model_config(ckpt)
+        if saved != self.model_config:
+            raise ckpt_io.CheckpointError(f"{ckpt}: the run was trained with another model shape; "
+                                          f"{ckpt_io.describe_shape_difference(ckpt, self.model_config)}")
         opt_state, state = ckpt_io.load_training_state(ckpt)
         if self.ds:
             if state is None or not (ckpt / "deepspeed").is_dir():
@@ -187,6 +191,8 @@ class Trainer:
         if "scaler" in state and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.last_checkpoint = ckpt
+        if self.env.is_main and path is None:  # the steps after the checkpoint are about to be logged again
+            trim_metrics(self.out, self.step)
         return True
 
     # --- one optimizer step ---------------------------------------------------------------------------

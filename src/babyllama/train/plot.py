@@ -7,12 +7,17 @@ from pathlib import Path
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    records = []
+    """The records in step order; a step logged twice (a log from before the resume fix) counts
+    once, its last record; a line a kill cut short is ignored."""
+    latest: dict[tuple, dict] = {}
     with open(path, encoding="utf-8") as f:
         for line in f:
-            if line.strip():
-                records.append(json.loads(line))
-    return records
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            latest[(record.get("step", 0), "val_loss" in record)] = record
+    return [latest[key] for key in sorted(latest)]
 
 
 def plot_loss(metrics_file: str | Path, png: str | Path, title: str = "babyllama") -> Path:

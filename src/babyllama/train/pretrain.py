@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from babyllama.config import RunConfig
+from babyllama.config import ConfigError, RunConfig
 from babyllama.data.loader import PretrainBatches, validation_batches
-from babyllama.data.pretrain import load_manifest
+from babyllama.data.pretrain import dataset_fingerprint, load_manifest
 from babyllama.data.readers import DataError
 from babyllama.train import checkpoint as ckpt_io
 from babyllama.train.loop import Trainer
+from babyllama.outputs import write_text_atomic
+from babyllama.train.rundir import check_resume_matches, open_run_dir, write_run_info
 
 
 @dataclass
@@ -26,6 +27,8 @@ class PretrainJob:
     tokenizer: str | None = None  # only checked against the data's tokenizer
     progress: bool = True
     stop_at_step: int | None = None  # pause here with a checkpoint; --resume continues the same schedule
+    overwrite: bool = False  # start over in an `out` that holds a run (babyllama's files only are removed)
+    allow_unverified: bool = False  # accept checkpoints without checksums.json (--init, --resume)
 
 
 def check_tokenizer(data_dir: Path, manifest: dict, tokenizer_path: str | None):
@@ -40,48 +43,61 @@ def check_tokenizer(data_dir: Path, manifest: dict, tokenizer_path: str | None):
     return tok
 
 
+def fit_vocab(cfg: RunConfig, tok) -> None:
+    """The model's vocabulary is the tokenizer's unless set larger (padding for faster GEMMs)."""
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = tok.vocab_size
+    elif cfg.model.vocab_size < tok.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{tok.vocab_size} ids; leave it at 0 to take the tokenizer's size")
+
+
 def pretrain(job: PretrainJob) -> dict:
+    from babyllama.train.distributed import distributed_env
+    from babyllama.train.runtime import pick_device
+
     cfg = job.config
     data_dir, out = Path(job.data), Path(job.out)
     manifest = load_manifest(data_dir)
     tok = check_tokenizer(data_dir, manifest, job.tokenizer)
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = tok.vocab_size
-    elif cfg.model.vocab_size < tok.vocab_size:
-        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
+    fit_vocab(cfg, tok)
+    env = distributed_env(pick_device(cfg.train.device).type)
+    run = open_run_dir(out, job.resume, job.overwrite, [data_dir, job.init, job.tokenizer], writer=env.is_main)
+    try:
+        return _pretrain(job, cfg, manifest, tok, env, data_dir, out)
+    finally:
+        run.close()
 
-    has_checkpoint = (out / ckpt_io.CKPT_DIR / "latest").is_file()
-    if has_checkpoint and not job.resume:
-        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    if job.resume and not has_checkpoint:
-        raise ckpt_io.CheckpointError(f"{out}: nothing to resume (no checkpoint yet)")
 
+def _pretrain(job: PretrainJob, cfg: RunConfig, manifest: dict, tok, env, data_dir: Path, out: Path) -> dict:
     from babyllama.model import Llama
 
-    from babyllama.train.distributed import distributed_env
-    from babyllama.train.runtime import pick_device
-
-    env = distributed_env(pick_device(cfg.train.device).type)
+    data = {"path": str(data_dir), "fingerprint": dataset_fingerprint(manifest)}
+    if job.resume and env.is_main:
+        check_resume_matches(out, "pretrain", data, tok.fingerprint,
+                             f"or start a new run from its weights: --init {out}")
     torch.manual_seed(cfg.train.seed)
     model = Llama(cfg.model)
     if job.init:
-        init = ckpt_io.find_checkpoint(job.init)
+        init = ckpt_io.find_checkpoint(job.init, verify=True, allow_unverified=job.allow_unverified,
+                                       warn=print if env.is_main else None)
         ckpt_io.load_weights(model, init)
     seq = cfg.model.max_seq_len
     batches = PretrainBatches(data_dir, seq, cfg.train.batch_size, seed=cfg.train.seed, rank=env.rank,
-                              world_size=env.world_size)
+                              world_size=env.world_size, vocab_limit=cfg.model.vocab_size)
     # validation batches are global: each rank evaluates its share of every one
-    val = validation_batches(data_dir, seq, cfg.train.batch_size * env.world_size, cfg.train.eval_batches)
+    val = validation_batches(data_dir, seq, cfg.train.batch_size * env.world_size, cfg.train.eval_batches,
+                             vocab_limit=cfg.model.vocab_size)
 
-    out.mkdir(parents=True, exist_ok=True)
-    if env.is_main:
-        (out / "run_config.toml").write_text(cfg.to_toml(), encoding="utf-8")
-        if not (out / "tokenizer").exists():
-            shutil.copytree(data_dir / "tokenizer", out / "tokenizer")
+    if env.is_main and not job.resume:  # what a resume must match, written before anything else of the run
+        write_run_info(out, "pretrain", data, tok.fingerprint, init=job.init)
+        tok.save(out / "tokenizer")
     trainer = Trainer(model, cfg.model, cfg.train, batches, out, val_batches=val,
                       run_config=cfg.to_dict(), progress=job.progress and env.is_main)
     if job.resume:
-        trainer.resume()
+        trainer.resume(allow_unverified=job.allow_unverified)
+    if env.is_main:  # after a resume was accepted: a refused one changes nothing
+        write_text_atomic(out / "run_config.toml", cfg.to_toml())
     if job.progress and env.is_main:
         n = cfg.model.num_params()
         print(f"model: {n / 1e6:.2f}M parameters, {cfg.model.n_layers} layers, dim {cfg.model.dim}, "

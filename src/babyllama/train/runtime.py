@@ -11,6 +11,8 @@ import warnings
 
 import torch
 
+from babyllama.config import DEVICE_SYNTAX, ConfigError
+
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) of common GPUs, for MFU.
 GPU_PEAK_FLOPS = {
     "H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
@@ -19,6 +21,32 @@ GPU_PEAK_FLOPS = {
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps; a device this machine (or this
+    torch build) does not have is a ConfigError saying why."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    if not isinstance(name, str) or not DEVICE_SYNTAX.fullmatch(name):
+        raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            if torch.version.cuda is None:
+                why = f"this torch, {torch.__version__}, is a CPU build: install a CUDA build of torch to use a GPU"
+            else:
+                why = f"this torch is built for CUDA {torch.version.cuda}, but no GPU or driver answers"
+            raise ConfigError(f"--device {name}: CUDA is not available here ({why}); use --device cpu")
+        count = torch.cuda.device_count()
+        index = int(name.partition(":")[2] or 0)
+        if index >= count:
+            have = "cuda:0" if count == 1 else f"cuda:0 .. cuda:{count - 1}"
+            raise ConfigError(f"--device {name}: this machine has {count} CUDA device{'s' if count != 1 else ''} "
+                              f"({have})")
+        return torch.device(name)
+    if name == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if not (mps and mps.is_available()):
+            raise ConfigError("--device mps: Apple's MPS backend is not available here (it needs macOS on Apple "
+                              "silicon and a torch built with MPS); use --device cpu")
+        return torch.device(name)
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
@@ -59,7 +87,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
              "float16": torch.float16, "fp16": torch.float16}
     if name != "auto":
         if name not in table:
-            raise ValueError(f"unknown dtype '{name}' (auto, float32, bfloat16, float16)")
+            raise ConfigError(f"--dtype: unknown dtype {name!r} (auto, float32/fp32, bfloat16/bf16, float16/fp16)")
         if device.type == "cpu" and table[name] != torch.float32 and not cpu_has_fast_bf16():
             warnings.warn(f"--dtype {name} on a CPU without bf16 units: its matmuls are emulated, "
                           f"far slower than float32 (--dtype auto picks float32 here)", stacklevel=2)
