@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from babyllama.data.readers import (CsvFile, DataError, ReadStats, Utf8Source, check_encoding, check_readable,
-                                    codec_name, container_of, not_decodable, undecodable_at)
+from babyllama.data.encodings import Utf8Source, check_encoding, codec_name, not_decodable, undecodable_at
+from babyllama.data.readers import CsvFile, DataError, ReadStats, check_readable, container_of
 from babyllama.tokenizer.chat import IGNORE, Message
 
 SFT_LAYOUTS = ("auto", "alpaca", "sharegpt", "openai", "qa", "csv")  # and csv:PROMPT_COL,ANSWER_COL
