@@ -158,6 +158,7 @@ CATALOGUE = [
     ("pretrain --data {ws}/data --out {ws}/unverified --resume", ["--allow-unverified"]),
     ("pretrain --data {ws}/data2 --out {ws}/run --resume", ["tokenizer"]),
     ("pretrain --data {ws}/data --out {ws}/run --resume --set model.dim=32", ["model.dim"]),
+    ("pretrain --data {ws}/data --out {ws}/run --resume --max-steps 2", ["step 4", "--max-steps"]),
     ("pretrain --data {ws}/data --out {ws}/run --overwrite --init {ws}/run", ["contains the input"]),
     ("pretrain --data {ws}/missing --out {ws}/r {tiny}", ["missing", "data pretrain"]),
     ("pretrain --data {ws}/badids --out {ws}/r {tiny}", ["train-00000.bin", "65535"]),

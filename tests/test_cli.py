@@ -100,3 +100,35 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(pipeline, tmp_path):
 
     _, state = load_training_state(find_checkpoint(out))
     assert state["step"] == step
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from babyllama.train.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError):
+        main(["generate", "--ckpt", str(tmp_path / "missing"), "--prompt", "x", "--debug"])
+    with pytest.raises(CheckpointError):
+        main(["--debug", "generate", "--ckpt", str(tmp_path / "missing"), "--prompt", "x"])
+
+
+def test_a_bug_is_one_line_that_says_where(monkeypatch, capsys):
+    import babyllama.cli as cli
+
+    def broken(args):
+        raise KeyError("oops")
+
+    monkeypatch.setattr(cli, "cmd_generate", broken)
+    assert main(["generate", "--ckpt", "x", "--prompt", "x"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "babyllama: internal error at test_cli.py:" in err and "--debug" in err
+
+
+def test_a_prompt_longer_than_the_context_is_cut_with_a_one_line_warning(pipeline, capsys):
+    root, _ = pipeline
+    long_prompt = "中国人民" * 100  # the model's context is 64 tokens
+    assert main(["generate", "--ckpt", str(root / "run"), "--prompt", long_prompt, "--max-new-tokens", "5",
+                 "--temperature", "0"]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("babyllama: warning:")]
+    assert len(warnings) == 1 and "earliest" in warnings[0] and "Traceback" not in captured.err
+    assert captured.out.startswith(long_prompt) and len(captured.out.strip()) > len(long_prompt)

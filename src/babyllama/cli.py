@@ -247,8 +247,11 @@ def cmd_demo(args) -> None:
 
 
 SFT_FORMATS_HELP = ("Formats (--format, or per file as FILE::FORMAT): auto (default), alpaca, sharegpt, openai, "
-                    "qa, csv.\nJSON lines and JSON arrays alike; malformed records are skipped and reported with "
-                    "file and line.")
+                    "qa, csv,\ncsv:PROMPT_COL,ANSWER_COL. JSON lines, JSON arrays and CSV with a header; UTF-8 "
+                    "unless --encoding.\nEach conversation is checked (user and assistant alternate, starting "
+                    "with the user, after an\noptional system turn; no empty turn): records that break a rule "
+                    "or are malformed are skipped\nand reported with file, line and reason (--on-error raise "
+                    "stops instead); a trailing\nunanswered user turn is dropped and counted as fixed.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,10 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("pretrain", help="tokenize a corpus into training shards",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         description="Layouts (--layout, or per file as FILE::LAYOUT):\n"
-                                    "  auto (default), lines, paragraphs, peoples_daily, text, wikipedia, baike, field:NAME")
+                                    "  auto (default), lines, paragraphs, peoples_daily, text, wikipedia, baike, "
+                                    "field:NAME,\n  csv:COLUMN (a CSV file with a header: the text of one column)\n"
+                                    "Files are UTF-8 (a byte-order mark is fine); name another encoding with "
+                                    "--encoding (e.g. gb18030).")
     p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="files to read (FILE or FILE::LAYOUT)")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory or file")
-    p.add_argument("--out", required=True, help="output directory (replaced atomically when done)")
+    p.add_argument("--out", required=True, help="output directory (new, empty, or a dataset to replace with --overwrite)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
     p.add_argument("--layout", default="auto", help="where the text is (see above)")
     p.add_argument("--val-fraction", type=float, default=0.005, help="share of documents held out (default 0.005)")
@@ -294,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "cut is counted in the manifest.")
     p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="SFT files (FILE or FILE::FORMAT)")
     p.add_argument("--tokenizer", required=True, help="the tokenizer of the model you will fine-tune")
-    p.add_argument("--out", required=True, help="output directory (replaced atomically when done)")
+    p.add_argument("--out", required=True, help="output directory (new, empty, or a dataset to replace with --overwrite)")
     p.add_argument("--format", default="auto", help="record layout (see above)")
     p.add_argument("--max-len", type=int, default=1025,
                    help="tokens per conversation: the model's max_seq_len + 1 (default 1025)")

@@ -63,6 +63,12 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(uninterrupted, da
     babyllama(["pretrain", "--data", str(data_dir), "--out", str(out), "--resume"])
     ref, got = weights(uninterrupted), weights(out)
     assert all(torch.equal(ref[k], got[k]) for k in ref), f"killed at step >= {kill_at}: weights differ"
+    # steps logged between the checkpoint and the kill are logged again after the resume, and only then:
+    # the log reads as the uninterrupted run's, record for record (timings aside)
+    def logged(run):
+        return [(r["step"], "val_loss" in r) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+    assert logged(out) == logged(uninterrupted)
 
 
 def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):

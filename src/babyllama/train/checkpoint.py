@@ -188,12 +188,13 @@ def find_checkpoint(path: str | Path, verify: bool = False, warn: Callable[[str]
     for candidate in reversed(done):
         problem = verify_checkpoint(candidate, allow_unverified)
         if problem is None:
-            if allow_unverified and not (candidate / CHECKSUMS).is_file() and warn:
-                warn(f"warning: {candidate.name} has no {CHECKSUMS}; loading it unverified as asked")
+            if warn:  # the newer ones it passed over, said once a good one is found (else: the error says it)
+                for skipped in problems:
+                    warn(f"warning: skipping damaged checkpoint {skipped}")
+                if allow_unverified and not (candidate / CHECKSUMS).is_file():
+                    warn(f"warning: {candidate.name} has no {CHECKSUMS}; loading it unverified as asked")
             return candidate
         problems.append(f"{candidate.name}: {problem}")
-        if warn:
-            warn(f"warning: skipping damaged checkpoint {candidate.name}: {problem}")
     hint = "; " + UNVERIFIED_HINT if any("verified" in p for p in problems) else ""
     raise CheckpointError(f"{path}: no usable checkpoint ({'; '.join(problems)}); nothing was changed{hint}")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from babyllama.config import ModelConfig, TrainConfig
+from babyllama.config import ConfigError, ModelConfig, TrainConfig
 from babyllama.model.loss import IGNORE_INDEX
 from babyllama.train import checkpoint as ckpt_io
 from babyllama.train.distributed import distributed_env, full_state, gradient_sync, load_full_state, rank_device, wrap_model
@@ -161,13 +162,16 @@ class Trainer:
         none passes its checksums (starting over would overwrite them)."""
         if path is None and not ckpt_io.list_checkpoints(self.out):
             return False
-        ckpt = ckpt_io.find_checkpoint(path or self.out, verify=True, warn=print if self.env.is_main else None,
-                                       allow_unverified=allow_unverified)
+        warn = (lambda message: print(message, file=sys.stderr)) if self.env.is_main else None
+        ckpt = ckpt_io.find_checkpoint(path or self.out, verify=True, warn=warn, allow_unverified=allow_unverified)
         saved = ckpt_io.read_model_config(ckpt)
         if saved != self.model_config:
             raise ckpt_io.CheckpointError(f"{ckpt}: the run was trained with another model shape; "
                                           f"{ckpt_io.describe_shape_difference(ckpt, self.model_config)}")
         opt_state, state = ckpt_io.load_training_state(ckpt)
+        if state is not None and int(state["step"]) > self.cfg.max_steps:  # before anything is loaded
+            raise ConfigError(f"{ckpt} is at step {int(state['step'])}, past train.max_steps={self.cfg.max_steps}; "
+                              f"pass a larger --max-steps to train on")
         if self.ds:
             if state is None or not (ckpt / "deepspeed").is_dir():
                 raise ckpt_io.CheckpointError(f"{ckpt}: not a DeepSpeed checkpoint; resume it without --deepspeed, "
