@@ -100,8 +100,9 @@ def cmd_data_sft(args) -> None:
                                      max_len=args.max_len, val_fraction=args.val_fraction, on_error=args.on_error,
                                      overwrite=args.overwrite, encoding=args.encoding))
     print(f"{m['conversations']:,} conversations -> {m['train']:,} train ({m['train_tokens']:,} tokens), "
-          f"{m['val']:,} validation; {m['skipped']} skipped, {m['truncated_prompt']} prompts and "
-          f"{m['truncated_reply']} replies truncated to {m['max_len']} tokens -> {args.out}")
+          f"{m['val']:,} validation; {m['skipped']} skipped, {m.get('fixed', 0)} fixed, "
+          f"{m['truncated_prompt']} prompts and {m['truncated_reply']} replies truncated to {m['max_len']} tokens "
+          f"-> {args.out}")
 
 
 def cmd_pretrain(args) -> None:

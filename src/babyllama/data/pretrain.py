@@ -236,7 +236,7 @@ def _prepare_into(cfg: PrepareConfig, tok, dtype: np.dtype, out: Path, work: Pat
     start = time.perf_counter()
     n_tokens = n_chars = n_docs = 0
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not cfg.progress,
-               desc="tokenizing", dynamic_ncols=True)
+               desc="tokenizing", dynamic_ncols=True, delay=1)  # (an input refused at once shows no bar)
     try:
         for res in _results(cfg, str(work / "tokenizer"), exclude):
             writers["train"].write(res.train, res.train_docs)

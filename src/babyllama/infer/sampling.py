@@ -101,11 +101,15 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, context: torch.Tensor
     logits = _sanitize(logits)
     if cfg.temperature <= 0:
         return logits.argmax(dim=-1)
-    top = logits.max(dim=-1, keepdim=True).values
-    hopeless = torch.isneginf(top)  # no finite logit in the row: every token equally likely
-    logits = torch.where(hopeless, torch.zeros_like(logits), logits - torch.where(hopeless, 0.0, top))
-    # now <= 0 with a 0 in every row; 0 stays 0 whatever the temperature (even one that is 0 in float32)
-    scaled = torch.where(logits == 0, 0.0, logits / cfg.temperature).nan_to_num(nan=float("-inf"))
+    top = logits.amax(dim=-1, keepdim=True)
+    hopeless = torch.isneginf(top)
+    if bool(hopeless.any()):  # no finite logit in a row: every token of it equally likely
+        logits = torch.where(hopeless, torch.zeros_like(logits), logits)
+        top = torch.where(hopeless, torch.zeros_like(top), top)
+    # <= 0 with a 0 in every row, so the best token keeps probability > 0 at any temperature; the
+    # temperature is held to float32's normal range, where 0 / t stays 0 and -inf / t stays -inf
+    finfo = torch.finfo(torch.float32)
+    scaled = (logits - top) / min(max(cfg.temperature, finfo.tiny), finfo.max)
     scaled = filter_top_p(filter_top_k(scaled, cfg.top_k), cfg.top_p)
     probs = scaled.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
