@@ -58,6 +58,9 @@ def ws(tmp_path_factory, corpus_dir, tokenizer_dir, data_dir):
     (root / "project").mkdir()
     (root / "project" / "notes.md").write_text("my notes", encoding="utf-8")
     shutil.copy(root / "news.txt", root / "project" / "corpus.txt")
+    for sub in ("data", "tokenizer"):  # names babyllama writes, but not babyllama's: never deleted
+        (root / "lookalike" / sub).mkdir(parents=True)
+        (root / "lookalike" / sub / "mine.txt").write_text("my file", encoding="utf-8")
     assert run_cli("pretrain --data {ws}/data --out {ws}/run {tiny} --max-steps 4", root) == 0
     assert run_cli("tokenizer train --input {ws}/news.txt --vocab-size 4096 --out {ws}/tok2", root) == 0
     assert run_cli("data pretrain --input {ws}/news.txt --tokenizer {ws}/tok2 --out {ws}/data2 --workers 1 "
@@ -161,7 +164,7 @@ CATALOGUE = [
     ("pretrain --data {ws}/data --out {ws}/run --resume --max-steps 2", ["step 4", "--max-steps"]),
     ("pretrain --data {ws}/data --out {ws}/run --overwrite --init {ws}/run", ["contains the input"]),
     ("pretrain --data {ws}/missing --out {ws}/r {tiny}", ["missing", "data pretrain"]),
-    ("pretrain --data {ws}/badids --out {ws}/r {tiny}", ["train-00000.bin", "65535"]),
+    ("pretrain --data {ws}/badids --out {ws}/r {tiny}", ["train-00000.bin", "token 0 is id 65535"]),
     ("pretrain --data {ws}/data --out {ws}/r {tiny} --tokenizer {ws}/tok2", ["tokenizer"]),
     # generate and chat
     ("generate --ckpt {ws}/run --prompt 中国 --max-new-tokens -5", ["--max-new-tokens"]),
@@ -191,6 +194,8 @@ CATALOGUE = [
     # demo
     ("demo --out {ws}/project", ["--out", "notes.md"]),
     ("demo --out {ws}/project --fresh", ["--out", "notes.md"]),
+    ("demo --out {ws}/lookalike --fresh", ["--out", "not a demo directory"]),
+    ("pretrain --data {ws}/data --out {ws}/lookalike {tiny} --overwrite", ["--out", "not a babyllama run"]),
     ("demo --out {ws}/d --minutes -1", ["--minutes"]),
 ]
 

@@ -51,6 +51,12 @@ def test_anything_else_is_refused_even_with_overwrite(tmp_path, overwrite):
         claim_output(project, PRETRAIN_DATA, overwrite=overwrite)
     with pytest.raises(OutputError, match="a babyllama pretraining dataset, not a tokenizer"):
         claim_output(fake_dataset(tmp_path / "data"), TOKENIZER, overwrite=overwrite)
+    downloaded = tmp_path / "chatglm2"  # a tokenizer babyllama did not train is never replaced
+    downloaded.mkdir()
+    (downloaded / "tokenizer.model").write_bytes(b"sp")
+    (downloaded / "tokenizer_config.json").write_text('{"name_or_path": "THUDM/chatglm2-6b"}')
+    with pytest.raises(OutputError, match="not a tokenizer"):
+        claim_output(downloaded, TOKENIZER, overwrite=overwrite)
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputError, match="is a file"):
         claim_output(tmp_path / "file", PRETRAIN_DATA, overwrite=overwrite)

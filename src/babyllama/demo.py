@@ -106,7 +106,9 @@ def _claim_demo_dir(out: Path) -> None:
 
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file, not a directory")
-    foreign = sorted(p.name for p in out.iterdir() if not DEMO.owns(p.name)) if out.is_dir() else []
+    names = sorted(p.name for p in out.iterdir() if p.name != ".lock") if out.is_dir() else []
+    # the demo's own directory (demo.json, or report.json of an older one, and nothing else), or nothing
+    foreign = [n for n in names if not DEMO.owns(n)] or ([] if set(names) & set(DEMO.signature) else names)
     if foreign:
         raise OutputError(f"--out {out} is not empty and is not a demo directory (it holds {', '.join(foreign[:4])}); "
                           f"choose another --out (nothing was written)")

@@ -51,10 +51,10 @@ SFT_DATA = OutputKind("SFT dataset", ("manifest.json",),
                       ("manifest.json", "tokenizer", "train.safetensors", "val.safetensors"))
 TOKENIZER = OutputKind("tokenizer", ("tokenizer.model", "tokenizer.json"),
                        ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"))
-RUN = OutputKind("training run", ("run.json", "run_config.toml", "checkpoints"),
+RUN = OutputKind("training run", ("run.json", "run_config.toml"),
                  ("run.json", "run_config.toml", "checkpoints", "tokenizer", "metrics.jsonl", "metrics.jsonl.tmp",
                   "loss.png", "sft_data.json", "tensorboard", ".lock"))
-DEMO = OutputKind("demo directory", ("demo.json",),
+DEMO = OutputKind("demo directory", ("demo.json", "report.json"),
                   ("demo.json", "corpus", "tokenizer", "data", "pretrain", "sft", "sft_scratch", "sft_probe",
                    "samples.json", "loss.png", "report.json", ".lock", "*.partial", "*.lock"))
 
@@ -79,6 +79,12 @@ def holds(directory: Path, kind: OutputKind) -> bool:
         return _manifest_format(directory) == "babyllama-pretrain-v1"
     if kind is SFT_DATA:
         return _manifest_format(directory) == "babyllama-sft-v1"
+    if kind is TOKENIZER:  # one `tokenizer train` wrote, not a tokenizer someone downloaded
+        try:
+            config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(config, dict) and config.get("kind") == "babyllama"
     return True
 
 

@@ -69,3 +69,26 @@ def test_validation_batches_are_fixed(data_dir):
     a = validation_batches(data_dir, 32, 4, 3)
     b = validation_batches(data_dir, 32, 4, 3)
     assert len(a) == 3 and all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(a, b))
+
+
+def test_ids_past_the_vocabulary_are_found_before_training(data_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import babyllama.data.loader as loader
+    from babyllama.data.loader import PretrainBatches
+    from babyllama.data.readers import DataError
+
+    bad = tmp_path / "data"
+    shutil.copytree(data_dir, bad)
+    shard = bad / "train-00000.bin"
+    raw = bytearray(shard.read_bytes())
+    raw[10:12] = b"\xff\xff"  # token 5: in the first window, which the shuffle may draw at any time
+    shard.write_bytes(bytes(raw))
+    vocab = 4096
+    with pytest.raises(DataError, match=r"train-00000.bin: token [\d,]+ is id 65535, outside the model's vocabulary"):
+        PretrainBatches(bad, 32, 4, vocab_limit=vocab)
+    monkeypatch.setattr(loader, "SCAN_LIMIT_BYTES", 0)  # a large dataset: each batch checks itself
+    batches = PretrainBatches(bad, 32, 4, vocab_limit=vocab)
+    assert int(batches.windows.batch([1])[0].max()) < vocab  # good windows still read
+    with pytest.raises(DataError, match=r"train-00000.bin: token 5 is id 65535"):
+        batches.windows.batch([1, 0])

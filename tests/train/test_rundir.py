@@ -23,6 +23,9 @@ def test_a_fresh_start_replaces_what_a_failed_start_left(tmp_path):
     (out / "tokenizer").mkdir(parents=True)
     (out / "tokenizer" / "tokenizer.model").write_bytes(b"stale")
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(OutputError, match="not a babyllama run directory"):  # no run.json: maybe the user's
+        open_run_dir(out, resume=False)
+    write_run_info(out, "pretrain", {"path": "d", "fingerprint": "f"}, "t")
     run = open_run_dir(out, resume=False)
     assert sorted(p.name for p in out.iterdir()) == [".lock"]
     run.close()

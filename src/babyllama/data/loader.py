@@ -18,6 +18,9 @@ from babyllama.data.pretrain import load_manifest
 from babyllama.data.readers import DataError
 
 
+SCAN_LIMIT_BYTES = 2 << 30  # shards up to this size in all are checked for bad ids up front (~1 s)
+
+
 class TokenWindows:
     """All complete windows of one split, addressed by a flat index."""
 
@@ -42,6 +45,20 @@ class TokenWindows:
             counts.append(max(0, (len(data) - 1) // seq_len))  # windows overlap by the one target token
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.num_windows = int(self.starts[-1])
+        if vocab_limit is not None and sum(d.nbytes for d in self.shards) <= SCAN_LIMIT_BYTES:
+            self._scan_ids()
+
+    def _scan_ids(self) -> None:
+        """Find ids past the vocabulary before training: batches check themselves too, but a bad window
+        drawn late would stop a run hours in. Larger datasets rely on the per-batch check alone."""
+        for path, data in zip(self.files, self.shards):
+            for start in range(0, len(data), 1 << 24):
+                block = data[start:start + (1 << 24)]
+                if block.size and int(block.max()) >= self.vocab_limit:
+                    at = start + int(np.flatnonzero(block >= self.vocab_limit)[0])
+                    raise DataError(f"{path}: token {at:,} is id {int(data[at])}, outside the model's vocabulary "
+                                    f"of {self.vocab_limit}; the shard is damaged or was made with another "
+                                    f"tokenizer (prepare the data again)")
 
     def window(self, index: int) -> np.ndarray:
         shard = int(np.searchsorted(self.starts, index, side="right") - 1)

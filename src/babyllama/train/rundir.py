@@ -67,7 +67,9 @@ def open_run_dir(out: str | Path, resume: bool, overwrite: bool = False, inputs:
 
 
 def _claim(out: Path, resume: bool, overwrite: bool, inputs: list) -> None:
-    foreign = sorted(p.name for p in out.iterdir() if not RUN.owns(p.name))
+    names = sorted(p.name for p in out.iterdir() if p.name != ".lock")
+    # babyllama's own run (its run.json or run_config.toml, and nothing it does not write), or nothing
+    foreign = [n for n in names if not RUN.owns(n)] or ([] if set(names) & set(RUN.signature) else names)
     if foreign:
         shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
         raise OutputError(f"--out {out} is not empty and is not a babyllama run directory (it holds {shown}); "
