@@ -132,3 +132,12 @@ def test_a_prompt_longer_than_the_context_is_cut_with_a_one_line_warning(pipelin
     warnings = [line for line in captured.err.splitlines() if line.startswith("babyllama: warning:")]
     assert len(warnings) == 1 and "earliest" in warnings[0] and "Traceback" not in captured.err
     assert captured.out.startswith(long_prompt) and len(captured.out.strip()) > len(long_prompt)
+
+
+def test_python_dash_m_babyllama_is_the_cli():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "babyllama", "pretrain", "--max-steps", "0", "--data", "d",
+                          "--out", "o"], capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.startswith("babyllama: error: train.max_steps must be >= 1")
