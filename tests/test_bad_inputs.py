@@ -65,6 +65,11 @@ def ws(tmp_path_factory, corpus_dir, tokenizer_dir, data_dir):
     assert run_cli("tokenizer train --input {ws}/news.txt --vocab-size 4096 --out {ws}/tok2", root) == 0
     assert run_cli("data pretrain --input {ws}/news.txt --tokenizer {ws}/tok2 --out {ws}/data2 --workers 1 "
                    "--val-fraction 0.05", root) == 0
+    assert run_cli("pretrain --data {ws}/data2 --out {ws}/tok2run {tiny} --max-steps 2", root) == 0
+    assert run_cli("sft --ckpt {ws}/run --data {ws}/good_sft.jsonl --out {ws}/sftrun --max-steps 2 --batch-size 4 "
+                   "--set train.eval_batches=1", root) == 0
+    (root / "other_sft.jsonl").write_text((root / "good_sft.jsonl").read_text(encoding="utf-8").replace("。", "！"),
+                                          encoding="utf-8")
     for name in ("damaged", "unverified"):
         shutil.copytree(root / "run", root / name)
         for ckpt in (root / name / "checkpoints").glob("step-*"):
@@ -190,6 +195,11 @@ CATALOGUE = [
     ("sft --ckpt {ws}/run --data {ws}/bad_sft.jsonl --out {ws}/run", ["--resume"]),
     ("sft --ckpt {ws}/run --data {ws}/bad_sft.jsonl --out {ws}/project", ["--out", "notes.md"]),
     ("sft --ckpt {ws}/run --data {ws}/bad_sft.jsonl --out {ws}/s --lr 0", ["train.lr"]),
+    ("sft --ckpt {ws}/run --data {ws}/good_sft.jsonl --out {ws}/sftrun --max-steps 4 --batch-size 4", ["--resume"]),
+    ("sft --ckpt {ws}/run --data {ws}/other_sft.jsonl --out {ws}/sftrun --resume --max-steps 4 --batch-size 4",
+     ["other_sft.jsonl is not the data", "--ckpt"]),
+    ("sft --ckpt {ws}/tok2run --data {ws}/good_sft.jsonl --out {ws}/sftrun --resume --max-steps 4 --batch-size 4",
+     ["tokenizer"]),
     ("sft --ckpt {ws}/run --data {ws}/bad_sft.jsonl --out {ws}/s --dropout 2", ["--dropout"]),
     # demo
     ("demo --out {ws}/project", ["--out", "notes.md"]),
