@@ -53,16 +53,14 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _run_config(args, base=None):
-    from babyllama.config import config_file_preset, load_config, parse_overrides
+    from babyllama.config import FLAGS, config_file_preset, load_config, parse_overrides
 
     overrides = parse_overrides(args.set)
     train = overrides.setdefault("train", {})
-    for flag, key in (("max_steps", "max_steps"), ("batch_size", "batch_size"), ("grad_accum", "grad_accum"),
-                      ("lr", "lr"), ("device", "device"), ("dtype", "dtype"), ("max_minutes", "max_minutes"),
-                      ("seed", "seed"), ("parallel", "parallel"), ("deepspeed", "deepspeed")):
-        value = getattr(args, flag, None)
+    for field_name, flag in FLAGS.items():  # the flags that set a train.* field, as config.py names them
+        value = getattr(args, flag[2:].replace("-", "_"), None)
         if value is not None:
-            train[key] = value
+            train[field_name.split(".", 1)[1]] = value
     if getattr(args, "compile", False):
         train["compile"] = True
     preset_name = args.preset

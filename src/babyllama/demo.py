@@ -103,13 +103,11 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 def _claim_demo_dir(out: Path) -> None:
     """The demo reuses and (with --fresh) clears only a directory of its own."""
-    from babyllama.outputs import DEMO, OutputError
+    from babyllama.outputs import DEMO, OutputError, foreign_entries
 
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file, not a directory")
-    names = sorted(p.name for p in out.iterdir() if p.name != ".lock") if out.is_dir() else []
-    # the demo's own directory (demo.json, or report.json of an older one, and nothing else), or nothing
-    foreign = [n for n in names if not DEMO.owns(n)] or ([] if set(names) & set(DEMO.signature) else names)
+    foreign = foreign_entries(out, DEMO)  # the demo's own directory (demo.json, or an older report.json)
     if foreign:
         raise OutputError(f"--out {out} is not empty and is not a demo directory (it holds {', '.join(foreign[:4])}); "
                           f"choose another --out (nothing was written)")

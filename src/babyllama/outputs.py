@@ -133,6 +133,13 @@ def claim_output(out: str | Path, kind: OutputKind, inputs: Iterable[str | Path]
                       f"choose another {flag} (nothing was written)")
 
 
+def foreign_entries(directory: Path, kind: OutputKind) -> list[str]:
+    """What stops `directory` from counting as babyllama's own `kind` (runs, the demo: used in place):
+    entries babyllama does not write there, or everything when its signature file is missing."""
+    names = sorted(p.name for p in directory.iterdir() if p.name != ".lock") if directory.is_dir() else []
+    return [n for n in names if not kind.owns(n)] or ([] if set(names) & set(kind.signature) else names)
+
+
 def remove_owned(directory: Path, kind: OutputKind, keep: Iterable[str] = ()) -> None:
     """Delete the entries of `directory` that babyllama writes for `kind` (and only those)."""
     keep = set(keep)
@@ -150,12 +157,13 @@ def swap_in(work: Path, out: Path) -> None:
         old = out.with_name(f"{out.name}.old-{os.getpid()}")
         os.replace(out, old)
     os.replace(work, out)
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (where the platform allows opening a directory)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

@@ -77,17 +77,15 @@ class ChatTemplate:
         """Token ids and labels (-100 outside assistant replies) of a whole conversation."""
         ids: list[int] = []
         labels: list[int] = []
-        contents = self.tok.encode_batch([m.content for m in messages]) if messages else []
-        for message, content in zip(messages, contents):
-            head = [self.start_id, *self._role_ids[message.role]]
-            body = [*content, self.end_id]
-            ids += head + body + self._newline
-            trained = message.role == "assistant"
-            labels += [IGNORE] * len(head) + (body if trained else [IGNORE] * len(body)) + [IGNORE] * len(self._newline)
-        if add_generation_prompt:
-            head = [self.start_id, *self._role_ids["assistant"]]
-            ids += head
-            labels += [IGNORE] * len(head)
+        segments = self.segments(messages, add_generation_prompt)
+        roles = [m.role for m in messages] + ["assistant header"] * add_generation_prompt
+        for role, seg in zip(roles, segments):
+            ids += seg.ids()
+            if role == "assistant":  # its content and <|im_end|> are learned; the newline after is not
+                body = seg.content + seg.closing[:1]
+                labels += [IGNORE] * len(seg.header) + body + [IGNORE] * (len(seg.closing) - 1)
+            else:
+                labels += [IGNORE] * len(seg)
         return ids, labels
 
     def prompt_ids(self, messages: Sequence[Message]) -> list[int]:

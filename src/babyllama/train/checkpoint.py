@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from babyllama.config import ModelConfig
+from babyllama.outputs import fsync_dir, write_text_atomic
 
 CKPT_DIR = "checkpoints"
 CHECKSUMS = "checksums.json"
@@ -36,28 +37,6 @@ CHECKSUMS = "checksums.json"
 
 class CheckpointError(FileNotFoundError):
     pass
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -110,8 +89,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module | dic
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
-    _write_text_atomic(root / "latest", name + "\n")
+    fsync_dir(root)
+    write_text_atomic(root / "latest", name + "\n")
     _prune(root, keep, protect=name)
     return final
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from babyllama.outputs import RUN, OutputError, OutputLock, check_inputs_outside, remove_owned, write_text_atomic
+from babyllama.outputs import (RUN, OutputError, OutputLock, check_inputs_outside, foreign_entries, remove_owned,
+                               write_text_atomic)
 from babyllama.train.checkpoint import CheckpointError, list_checkpoints
 
 RUN_INFO = "run.json"
@@ -67,9 +68,7 @@ def open_run_dir(out: str | Path, resume: bool, overwrite: bool = False, inputs:
 
 
 def _claim(out: Path, resume: bool, overwrite: bool, inputs: list) -> None:
-    names = sorted(p.name for p in out.iterdir() if p.name != ".lock")
-    # babyllama's own run (its run.json or run_config.toml, and nothing it does not write), or nothing
-    foreign = [n for n in names if not RUN.owns(n)] or ([] if set(names) & set(RUN.signature) else names)
+    foreign = foreign_entries(out, RUN)  # babyllama's own run (run.json or run_config.toml), or nothing
     if foreign:
         shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
         raise OutputError(f"--out {out} is not empty and is not a babyllama run directory (it holds {shown}); "
