@@ -21,6 +21,7 @@ demo: setup
 	$(BIN)/babyllama demo
 
 test: setup
+	$(BIN)/lint-imports  # the import rules in pyproject.toml
 	$(BIN)/python -m pytest
 
 bench: setup

@@ -47,7 +47,7 @@ def corpus(directory: Path, repeats: int = 3) -> list[str]:
     import json
 
     from babyllama.data.builtin import peoples_daily_file, review_files
-    from babyllama.data.readers import iter_documents
+    from babyllama.corpus.readers import iter_documents
 
     out = directory / "corpus.jsonl"
     specs = [f"{peoples_daily_file()}::peoples_daily"] + [f"{p}::lines" for p in review_files().values()]
@@ -62,7 +62,7 @@ def plain_loop(tok, inputs: list[str], out: Path) -> int:
     """The original project's way: one document at a time into one Python list, then numpy."""
     import numpy as np
 
-    from babyllama.data.readers import iter_documents
+    from babyllama.corpus.readers import iter_documents
 
     ids: list[int] = []
     chars = 0
@@ -77,7 +77,7 @@ def plain_loop(tok, inputs: list[str], out: Path) -> int:
 
 def worker(method: str, tokenizer_dir: str, inputs: list[str]) -> dict:
     from babyllama.data.pretrain import PrepareConfig, prepare_pretrain
-    from babyllama.data.readers import iter_documents
+    from babyllama.corpus.readers import iter_documents
     from babyllama.tokenizer import load_tokenizer
     from babyllama.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 

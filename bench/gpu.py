@@ -35,7 +35,7 @@ def train_figures(preset: str, batch: int, steps: int, compile: bool, peak: floa
     from babyllama.config import load_config
     from babyllama.model import Llama
     from babyllama.train.loop import Trainer
-    from babyllama.train.runtime import peak_flops
+    from babyllama.runtime import peak_flops
 
     run = load_config(preset_name=preset)
     mcfg = run.model

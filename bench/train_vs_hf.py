@@ -129,7 +129,7 @@ def worker(kind: str, config: str, threads: int, warmup: int, steps: int) -> dic
     import torch
 
     from babyllama.config import ModelConfig
-    from babyllama.train.runtime import peak_flops, tune_cpu_allocator
+    from babyllama.runtime import peak_flops, tune_cpu_allocator
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -218,7 +218,7 @@ def table(results: list[dict], threads: int) -> str:
 def cpu_has_fast_bf16() -> bool:
     """Asked in a child process: importing torch here would raise every worker's ru_maxrss
     (see bench.common.run_worker)."""
-    code = "from babyllama.train.runtime import cpu_has_fast_bf16; print(cpu_has_fast_bf16())"
+    code = "from babyllama.runtime import cpu_has_fast_bf16; print(cpu_has_fast_bf16())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return out.strip() == "True"
 

@@ -24,7 +24,7 @@ def needs_shared(sub: str) -> Path:
 def corpus_dir(tmp_path_factory) -> Path:
     """~3,000 real documents: People's Daily paragraphs and reviews, as plain text files."""
     from babyllama.data.builtin import peoples_daily_file, review_files
-    from babyllama.data.readers import iter_documents
+    from babyllama.corpus.readers import iter_documents
 
     out = tmp_path_factory.mktemp("corpus")
     docs = list(itertools.islice(iter_documents(peoples_daily_file(), "peoples_daily"), 2000))

@@ -96,14 +96,14 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(pipeline, tmp_path):
     latest = (out / "checkpoints" / "latest").read_text().strip()
     step = int(latest.split("-")[1])
     assert step > 0
-    from babyllama.train.checkpoint import load_training_state, find_checkpoint
+    from babyllama.checkpoint import load_training_state, find_checkpoint
 
     _, state = load_training_state(find_checkpoint(out))
     assert state["step"] == step
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    from babyllama.train.checkpoint import CheckpointError
+    from babyllama.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError):
         main(["generate", "--ckpt", str(tmp_path / "missing"), "--prompt", "x", "--debug"])

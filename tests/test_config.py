@@ -198,7 +198,7 @@ def test_any_python_value_builds_or_names_the_field(field, value):
 def test_a_device_this_machine_lacks_is_a_config_error(monkeypatch):
     import torch
 
-    from babyllama.train import runtime
+    from babyllama import runtime
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match=r"--device cuda: CUDA is not available here"):
@@ -221,7 +221,7 @@ def test_a_device_this_machine_lacks_is_a_config_error(monkeypatch):
 def test_an_unknown_dtype_is_a_config_error():
     import torch
 
-    from babyllama.train.runtime import pick_dtype
+    from babyllama.runtime import pick_dtype
 
     with pytest.raises(ConfigError, match="--dtype: unknown dtype 'float8'"):
         pick_dtype("float8", torch.device("cpu"))

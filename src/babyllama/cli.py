@@ -412,7 +412,7 @@ def _exit_launched_process() -> None:
 def _user_errors() -> tuple[type, ...]:
     """Exceptions that mean the input, a flag or the environment is wrong: one line, exit code 2."""
     from babyllama.config import ConfigError
-    from babyllama.data.readers import DataError
+    from babyllama.corpus.readers import DataError
     from babyllama.outputs import OutputError
     from babyllama.tokenizer import TokenizerError
 

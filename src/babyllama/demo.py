@@ -56,7 +56,7 @@ def calibrate_steps(cfg, minutes: float) -> int:
 
     from babyllama.model import Llama
     from babyllama.train.optim import build_optimizer
-    from babyllama.train.runtime import autocast_context, pick_dtype, tune_cpu_allocator
+    from babyllama.runtime import autocast_context, pick_dtype, tune_cpu_allocator
 
     tune_cpu_allocator()
     cpu = torch.device("cpu")
@@ -121,7 +121,7 @@ def _run_demo(cfg: DemoConfig, out: Path) -> dict:
     from babyllama.infer import SamplingConfig, generate_text, load_for_inference
     from babyllama.tokenizer import load_tokenizer
     from babyllama.tokenizer.train import TokenizerTrainConfig, train_tokenizer
-    from babyllama.train.checkpoint import list_checkpoints
+    from babyllama.checkpoint import list_checkpoints
     from babyllama.train.pretrain import PretrainJob, pretrain
 
     t0 = time.perf_counter()
@@ -241,7 +241,7 @@ def run_sentiment_sft(cfg: DemoConfig, out: Path, corpus: dict) -> dict:
     from babyllama.infer import SamplingConfig, load_for_inference
     from babyllama.infer.chat import chat_reply
     from babyllama.tokenizer.chat import ChatTemplate, Message
-    from babyllama.train.checkpoint import list_checkpoints
+    from babyllama.checkpoint import list_checkpoints
 
     print(f"== 5/6 supervised fine-tuning: review sentiment (about {cfg.sft_minutes:g} minutes, twice)")
     data = write_sentiment_sft(corpus["reviews"], out / "corpus" / "sentiment_sft.jsonl")

@@ -3,7 +3,7 @@ cannot rot unnoticed (the figures themselves need a GPU)."""
 
 import torch
 
-from babyllama.train.runtime import pick_dtype
+from babyllama.runtime import pick_dtype
 from bench.gpu import generation_figures, train_figures
 
 

@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_bench_parent_probes_bf16_without_importing_torch():
-    from babyllama.train.runtime import cpu_has_fast_bf16
+    from babyllama.runtime import cpu_has_fast_bf16
 
     code = ("import sys, bench.__main__, bench.train_vs_hf as t; has = t.cpu_has_fast_bf16(); "
             "print(has, 'torch' in sys.modules)")

@@ -4,7 +4,7 @@ import torch
 
 from babyllama.data.loader import PretrainBatches, TokenWindows, validation_batches
 from babyllama.data.pretrain import load_manifest
-from babyllama.data.readers import DataError
+from babyllama.corpus.readers import DataError
 
 
 def stream(data_dir, split="train"):
@@ -76,7 +76,7 @@ def test_ids_past_the_vocabulary_are_found_before_training(data_dir, tmp_path, m
 
     import babyllama.data.loader as loader
     from babyllama.data.loader import PretrainBatches
-    from babyllama.data.readers import DataError
+    from babyllama.corpus.readers import DataError
 
     bad = tmp_path / "data"
     shutil.copytree(data_dir, bad)

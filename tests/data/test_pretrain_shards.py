@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from babyllama.data.pretrain import PrepareConfig, is_validation, load_manifest, prepare_pretrain
-from babyllama.data.readers import DataError, iter_documents
+from babyllama.corpus.readers import DataError, iter_documents
 
 
 def read_split(directory, split):

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from babyllama.data.readers import DataError, ReadStats
+from babyllama.corpus.readers import DataError, ReadStats
 from babyllama.data.sft import read_conversations
 from tests.conftest import needs_shared
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from babyllama.data.readers import DataError, ReadStats
+from babyllama.corpus.readers import DataError, ReadStats
 from babyllama.data.sft import BadRecord, check_conversation, read_conversations
 from babyllama.tokenizer.chat import Message
 

@@ -3,13 +3,13 @@ import json
 import pytest
 import torch
 
-from babyllama.data.readers import DataError
+from babyllama.corpus.readers import DataError
 from babyllama.data.sft import SFTStats, fit_to_window
 from babyllama.finetune.sft import SFTJob, default_sft_train, sft
 from babyllama.infer.chat import chat_reply, fit_history, repl
 from babyllama.infer.sampling import SamplingConfig
 from babyllama.tokenizer.chat import IGNORE, ChatTemplate, Message
-from babyllama.train.checkpoint import save_checkpoint
+from babyllama.checkpoint import save_checkpoint
 from tests.conftest import tiny_model_config
 
 

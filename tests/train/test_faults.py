@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from babyllama.train import checkpoint as ckpt_io
+import babyllama.checkpoint as ckpt_io
 from tests.train.test_distributed import SMALL, babyllama
 
 CKPT_INTERVAL = 4
@@ -82,7 +82,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, torch
         from babyllama.model import Llama
-        from babyllama.train import checkpoint as ckpt_io
+        import babyllama.checkpoint as ckpt_io
         from tests.conftest import tiny_model_config
 
         def dying_save(obj, path, *a, **k):

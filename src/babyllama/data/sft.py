@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from babyllama.data.encodings import Utf8Source, check_encoding, codec_name, not_decodable, undecodable_at
-from babyllama.data.readers import CsvFile, DataError, ReadStats, check_readable, container_of
+from babyllama.corpus.encodings import Utf8Source, check_encoding, codec_name, not_decodable, undecodable_at
+from babyllama.corpus.readers import CsvFile, DataError, ReadStats, check_readable, container_of
 from babyllama.tokenizer.chat import IGNORE, Message
 
 SFT_LAYOUTS = ("auto", "alpaca", "sharegpt", "openai", "qa", "csv")  # and csv:PROMPT_COL,ANSWER_COL
@@ -475,7 +475,7 @@ def build_sft_samples(files: list[str], template, max_len: int, layout: str = "a
                       encoding: str = "utf-8"):
     """Read, split and tokenize SFT files: (train samples, val samples, report).
     An empty result is an error, never an empty model."""
-    from babyllama.data.readers import split_input_spec
+    from babyllama.corpus.readers import split_input_spec
 
     read, cut = ReadStats(), SFTStats()
     train_convs, val_convs = [], []
@@ -538,7 +538,7 @@ def prepare_sft(cfg: PrepareSFTConfig) -> dict:
     so repeated fine-tuning runs skip reading and tokenizing. Returns the manifest."""
     import shutil
 
-    from babyllama.data.readers import split_input_spec
+    from babyllama.corpus.readers import split_input_spec
     from babyllama.outputs import SFT_DATA, claim_output, staged_output, swap_in
     from babyllama.tokenizer import load_tokenizer
     from babyllama.tokenizer.chat import ChatTemplate

@@ -77,7 +77,7 @@ def load_sft_samples(data: list[str], template: ChatTemplate, max_len: int, layo
 
 def sft(job: SFTJob) -> dict:
     from babyllama.train.distributed import distributed_env
-    from babyllama.train.runtime import pick_device
+    from babyllama.runtime import pick_device
 
     env = distributed_env(pick_device(job.train.device).type)
     out = Path(job.out)

@@ -139,17 +139,20 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 200, samp
 
 
 def load_for_inference(path: str | Path, device: str = "auto", for_decoding: bool = True,
-                       compile_step: bool | None = None, allow_unverified: bool = False):
+                       compile_step: bool | None = None, allow_unverified: bool = False, dtype: str = "float32"):
     """(model, tokenizer, checkpoint dir) from a run directory or a checkpoint directory.
     `for_decoding` lays the weights out for fast generation (infer/decode.py); pass False to get
     the plain, trainable model. `compile_step`: see `prepare_for_decoding` (None: by model size).
-    `allow_unverified` accepts a checkpoint without checksums.json (one not written by babyllama)."""
+    `allow_unverified` accepts a checkpoint without checksums.json (one not written by babyllama).
+    `dtype`: the weights' precision (float32, bfloat16, float16, or auto: see `runtime.inference_dtype`)."""
+    from babyllama.checkpoint import load_model
     from babyllama.infer.decode import prepare_for_decoding
+    from babyllama.runtime import inference_dtype, pick_device
     from babyllama.tokenizer import load_tokenizer
-    from babyllama.train.checkpoint import load_model
-    from babyllama.train.runtime import pick_device
 
-    model, ckpt = load_model(path, pick_device(device), allow_unverified=allow_unverified)
+    device = pick_device(device)
+    model, ckpt = load_model(path, device, allow_unverified=allow_unverified)
+    model.to(inference_dtype(dtype, device))
     if for_decoding:
         prepare_for_decoding(model, compile_step=compile_step)
     for candidate in (ckpt / "tokenizer", ckpt.parent.parent / "tokenizer", Path(path) / "tokenizer"):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from babyllama.data.readers import iter_documents
+from babyllama.corpus.readers import iter_documents
 from babyllama.tokenizer import BOS, EOS, IM_END, IM_START, PAD, RESERVED, UNK, SentencePieceTokenizer, TokenizerError
 
 # sentencepiece refuses longer "sentences"; documents are cut at line breaks, then at this length
@@ -77,7 +77,7 @@ def _reservoir(items: Iterator[str], k: int, seed: int) -> list[str]:
 def train_tokenizer(cfg: TokenizerTrainConfig) -> SentencePieceTokenizer:
     import sentencepiece as spm
 
-    from babyllama.data.readers import split_input_spec
+    from babyllama.corpus.readers import split_input_spec
     from babyllama.outputs import TOKENIZER, claim_output, staged_output, swap_in
 
     out = Path(cfg.out)

@@ -22,11 +22,11 @@ import torch
 
 from babyllama.config import ConfigError, ModelConfig, TrainConfig
 from babyllama.model.loss import IGNORE_INDEX
-from babyllama.train import checkpoint as ckpt_io
+import babyllama.checkpoint as ckpt_io
 from babyllama.train.distributed import distributed_env, full_state, gradient_sync, load_full_state, rank_device, wrap_model
 from babyllama.train.optim import build_optimizer, lr_at, param_groups
 from babyllama.train.rundir import trim_metrics
-from babyllama.train.runtime import autocast_context, peak_flops, pick_device, pick_dtype, tune_cpu_allocator
+from babyllama.runtime import autocast_context, peak_flops, pick_device, pick_dtype, tune_cpu_allocator
 
 
 class BatchSource(Protocol):

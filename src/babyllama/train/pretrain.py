@@ -10,8 +10,8 @@ import torch
 from babyllama.config import ConfigError, RunConfig
 from babyllama.data.loader import PretrainBatches, validation_batches
 from babyllama.data.pretrain import dataset_fingerprint, load_manifest
-from babyllama.data.readers import DataError
-from babyllama.train import checkpoint as ckpt_io
+from babyllama.corpus.readers import DataError
+import babyllama.checkpoint as ckpt_io
 from babyllama.train.loop import Trainer
 from babyllama.outputs import write_text_atomic
 from babyllama.train.rundir import check_resume_matches, open_run_dir, write_run_info
@@ -54,7 +54,7 @@ def fit_vocab(cfg: RunConfig, tok) -> None:
 
 def pretrain(job: PretrainJob) -> dict:
     from babyllama.train.distributed import distributed_env
-    from babyllama.train.runtime import pick_device
+    from babyllama.runtime import pick_device
 
     cfg = job.config
     data_dir, out = Path(job.data), Path(job.out)

@@ -4,7 +4,7 @@
     OUT/run_config.toml    the resolved configuration
     OUT/tokenizer/         the tokenizer the run trains with
     OUT/metrics.jsonl      one record per logged step (continued without duplicates after a resume)
-    OUT/checkpoints/       see train/checkpoint.py
+    OUT/checkpoints/       see checkpoint.py
     OUT/.lock              held while a process trains into OUT
 
 Rules, the same for every stage:
@@ -23,7 +23,7 @@ from typing import Iterable
 
 from babyllama.outputs import (RUN, OutputError, OutputLock, check_inputs_outside, foreign_entries, remove_owned,
                                write_text_atomic)
-from babyllama.train.checkpoint import CheckpointError, list_checkpoints
+from babyllama.checkpoint import CheckpointError, list_checkpoints
 
 RUN_INFO = "run.json"
 METRICS = "metrics.jsonl"

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 
-from babyllama.data.readers import DataError, DataWarning, ReadStats, iter_documents, parse_chunk, read_chunks
+from babyllama.corpus.readers import DataError, DataWarning, ReadStats, iter_documents, parse_chunk, read_chunks
 from babyllama.data.sft import read_conversations
 
 # a header, quoted fields with commas, quotes and line breaks, a label column that must not become text

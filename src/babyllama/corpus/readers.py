@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from babyllama.data.encodings import Utf8Source, check_encoding, codec_name, not_decodable, undecodable_at
-from babyllama.data.errors import DataError, DataWarning
+from babyllama.corpus.encodings import Utf8Source, check_encoding, codec_name, not_decodable, undecodable_at
+from babyllama.corpus.errors import DataError, DataWarning
 
 LAYOUTS = ("auto", "lines", "paragraphs", "peoples_daily", "text", "wikipedia", "baike")
 TEXT_KEYS = ("text", "completion", "content", "sentence", "document", "body")

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from babyllama.data.encodings import SAMPLE_BYTES, check_encoding
-from babyllama.data.readers import DataError, ReadStats, iter_documents, parse_chunk, read_chunks
+from babyllama.corpus.encodings import SAMPLE_BYTES, check_encoding
+from babyllama.corpus.readers import DataError, ReadStats, iter_documents, parse_chunk, read_chunks
 
 SIMPLIFIED = ["今天天气很好，我们一起去公园散步吧。", "这本书的内容非常有意思，我已经看了两遍。", "他说明天会来北京参加会议。"]
 TRADITIONAL = ["今天天氣很好，我們一起去公園散步吧。", "這本書的內容非常有意思，我已經看了兩遍。", "他說明天會來台北參加會議。"]

@@ -99,6 +99,15 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def inference_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The weights' dtype for generation. 'auto': bf16 on GPUs that have it (fp16 on older ones),
+    float32 on CPUs: decoding there is bound by reading the weights, and the compiled float32
+    kernels outrun bf16 on CPUs without bf16 units (`--dtype bfloat16` asks for it anyway)."""
+    if name == "auto" and device.type != "cuda":
+        return torch.float32
+    return pick_dtype(name, device)
+
+
 def autocast_context(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()

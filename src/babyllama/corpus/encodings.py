@@ -13,7 +13,7 @@ from __future__ import annotations
 import codecs
 from pathlib import Path
 
-from babyllama.data.errors import DataError
+from babyllama.corpus.errors import DataError
 
 
 # --- encodings ------------------------------------------------------------------------------------

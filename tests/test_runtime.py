@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from babyllama.train import runtime
+from babyllama import runtime
 
 CPUINFO = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 fma {extra}\n\nprocessor\t: 1\n"
 

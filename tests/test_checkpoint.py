@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from babyllama.model import Llama
-from babyllama.train import checkpoint as ckpt_io
+import babyllama.checkpoint as ckpt_io
 from tests.conftest import tiny_model_config
 
 

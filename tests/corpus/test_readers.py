@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from babyllama.data.readers import DataError, ReadStats, clean_text, iter_documents, strip_pos_tags
+from babyllama.corpus.readers import DataError, ReadStats, clean_text, iter_documents, strip_pos_tags
 from tests.conftest import needs_shared
 
 
@@ -110,7 +110,7 @@ def test_shared_samples_parse():
 def test_chunk_size_never_changes_documents_or_line_numbers(tmp_path, ending):
     """Chunks are byte blocks cut at line ends (paragraphs: at blank lines); any chunk size must give
     the documents of one whole-file chunk, and errors must name the same line."""
-    from babyllama.data.readers import parse_chunk, read_chunks
+    from babyllama.corpus.readers import parse_chunk, read_chunks
 
     paras = [ending.join(f"第{p}段第{i}行" for i in range(p % 4 + 1)) for p in range(60)]
     text = tmp_path / "a.txt"
