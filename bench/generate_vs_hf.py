@@ -1,7 +1,9 @@
 """Generation speed: our KV-cache decoding against `transformers` `generate`, the same weights.
 
 Both decode greedily (no sampling, no repetition penalty: `generate`'s plain path) a fixed number
-of new tokens after a 32-token random prompt, float32, the same threads. The Hugging Face model is
+of new tokens after random prompts, float32, the same threads: one 32-token prompt, 8 of them, and
+8 prompts of mixed lengths (8 to 64 tokens: left-padded with an attention mask for `generate`, a
+ragged batch for our Engine), what a batching server or a batched evaluation sends. The Hugging Face model is
 ours converted by `babyllama.export.hf` (same logits, tested). Reported per kind and batch size:
 
 - time to first token: prompt in, first new token out (prefill + one sample);
@@ -26,9 +28,10 @@ CONFIGS = {
 }
 KINDS = ("ours", "hf")
 PROMPT = 32
+BATCHES = ("1", "8", "8 mixed")  # "8 mixed": prompt lengths 8, 16, ..., 64
 
 
-def _setup(config: str, batch: int):
+def _setup(config: str, batch: str):
     import torch
 
     from babyllama.config import ModelConfig
@@ -36,18 +39,19 @@ def _setup(config: str, batch: int):
 
     torch.manual_seed(0)
     model = Llama(ModelConfig(**CONFIGS[config])).eval()
-    prompt = torch.randint(model.config.vocab_size, (batch, PROMPT), generator=torch.Generator().manual_seed(1))
-    return model, prompt
+    lengths = [8 * (i + 1) for i in range(8)] if batch == "8 mixed" else [PROMPT] * int(batch)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(model.config.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    return model, prompts
 
 
-def ours(model, prompt, new_tokens: int) -> tuple[float, float]:
+def ours(engine, prompts, new_tokens: int) -> tuple[float, float]:
     """(seconds to the first token, seconds for the rest)."""
-    from babyllama.infer.generate import generate_tokens
     from babyllama.infer.sampling import SamplingConfig
 
     greedy = SamplingConfig(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
     t0 = time.perf_counter()
-    stream = generate_tokens(model, prompt, new_tokens, greedy)
+    stream = engine.stream(prompts, new_tokens, greedy)
     next(stream)
     t1 = time.perf_counter()
     n = 1 + sum(1 for _ in stream)
@@ -55,7 +59,7 @@ def ours(model, prompt, new_tokens: int) -> tuple[float, float]:
     return t1 - t0, time.perf_counter() - t1
 
 
-def hf(model, prompt, new_tokens: int) -> tuple[float, float]:
+def hf(model, prompts, new_tokens: int) -> tuple[float, float]:
     import torch
     from transformers.generation.streamers import BaseStreamer
 
@@ -71,21 +75,26 @@ def hf(model, prompt, new_tokens: int) -> tuple[float, float]:
         def end(self):
             pass
 
+    longest = max(len(p) for p in prompts)
+    prompt = torch.zeros(len(prompts), longest, dtype=torch.long)  # left-padded, as generate expects
+    mask = torch.zeros_like(prompt)
+    for i, p in enumerate(prompts):
+        prompt[i, longest - len(p):], mask[i, longest - len(p):] = torch.tensor(p), 1
     streamer = FirstToken()
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+        out = model.generate(prompt, attention_mask=mask, max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, streamer=streamer, pad_token_id=0)
     t2 = time.perf_counter()
     assert out.shape[1] == prompt.shape[1] + new_tokens
     return streamer.first - t0, t2 - streamer.first
 
 
-def worker(kind: str, config: str, batch: int, new_tokens: int, threads: int, rounds: int) -> dict:
+def worker(kind: str, config: str, batch: str, new_tokens: int, threads: int, rounds: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    model, prompt = _setup(config, batch)
+    model, prompts = _setup(config, batch)
     if kind == "hf":
         from babyllama.export.hf import to_hf_model
 
@@ -94,24 +103,25 @@ def worker(kind: str, config: str, batch: int, new_tokens: int, threads: int, ro
         run = hf
     else:
         from babyllama.infer.decode import prepare_for_decoding
+        from babyllama.infer.engine import Engine
 
-        prepare_for_decoding(model)  # what load_for_inference does for every user
+        model = Engine(prepare_for_decoding(model))  # what Engine.load does for every user
         run = ours
-    run(model, prompt, 4)  # warm-up
+    run(model, prompts, 4)  # warm-up
     ttft, decode = [], []
     for _ in range(rounds):
-        a, b = run(model, prompt, new_tokens)
+        a, b = run(model, prompts, new_tokens)
         ttft.append(a)
         decode.append(b)
-    return {"kind": kind, "ttft_s": median(ttft), "decode_tok_s": batch * (new_tokens - 1) / median(decode),
+    return {"kind": kind, "ttft_s": median(ttft), "decode_tok_s": len(prompts) * (new_tokens - 1) / median(decode),
             "rss_mb": peak_rss_mb()}
 
 
-def bench(config: str, batch: int, new_tokens: int, threads: int, rounds: int, log=print) -> dict:
+def bench(config: str, batch: str, new_tokens: int, threads: int, rounds: int, log=print) -> dict:
     runs: dict[str, list[dict]] = {k: [] for k in KINDS}
     for r in range(rounds):
         for kind in KINDS[r % 2:] + KINDS[:r % 2]:
-            res = run_worker("bench.generate_vs_hf", kind, config, str(batch), str(new_tokens), str(threads), "2")
+            res = run_worker("bench.generate_vs_hf", kind, config, batch, str(new_tokens), str(threads), "2")
             runs[kind].append(res)
             log(f"  {config} batch {batch} round {r + 1}/{rounds} {kind:<4} {res['decode_tok_s']:8.1f} tok/s  "
                 f"first token {res['ttft_s'] * 1e3:6.1f} ms  rss {res['rss_mb']:.0f} MB")
@@ -131,15 +141,16 @@ def table(results: list[dict], threads: int, new_tokens: int) -> str:
                      f"{o['ttft_ms']:,.1f}", f"{h['ttft_ms']:,.1f}", f"{o['rss_mb']:,.0f}", f"{h['rss_mb']:,.0f}"])
     headers = ["config", "batch", "ours tok/s", "hf generate tok/s", "ours/hf", "ours first token ms",
                "hf first token ms", "ours RSS MB", "hf RSS MB"]
-    return (f"Greedy generation, float32, {threads} threads, prompt {PROMPT} tokens, {new_tokens} new tokens "
-            f"(tokens/s summed over the batch, after the first token; medians over processes)\n\n"
+    return (f"Greedy generation, float32, {threads} threads, prompts of {PROMPT} tokens (8 mixed: 8 to 64), "
+            f"{new_tokens} new tokens (tokens/s summed over the batch, after the first token; medians over "
+            f"processes)\n\n"
             + markdown_table(headers, rows))
 
 
 def main(quick: bool = False, configs: list[str] | None = None, threads: int = 2, log=print) -> str:
     configs = configs or (["demo"] if quick else list(CONFIGS))
     new_tokens, rounds = (32, 1) if quick else (64, 2)
-    results = [bench(c, b, new_tokens, threads, rounds, log) for c in configs for b in (1, 8)]
+    results = [bench(c, b, new_tokens, threads, rounds, log) for c in configs for b in BATCHES]
     return table(results, threads, new_tokens)
 
 
@@ -152,7 +163,7 @@ def cli() -> None:
     args = p.parse_args()
     if args.worker:
         kind, config, batch, new, threads, rounds = args.worker
-        emit(worker(kind, config, int(batch), int(new), int(threads), int(rounds)))
+        emit(worker(kind, config, batch, int(new), int(threads), int(rounds)))
     else:
         print(main(args.quick, args.configs, args.threads))
 

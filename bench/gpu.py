@@ -74,7 +74,7 @@ def generation_figures(batch: int, new_tokens: int = 256, device: str = "cuda", 
 
     from babyllama.config import load_config
     from babyllama.infer.decode import prepare_for_decoding
-    from babyllama.infer.generate import generate_tokens
+    from babyllama.infer.engine import Engine
     from babyllama.infer.sampling import SamplingConfig
     from babyllama.model import Llama
 
@@ -82,14 +82,14 @@ def generation_figures(batch: int, new_tokens: int = 256, device: str = "cuda", 
     mcfg.vocab_size = mcfg.vocab_size or 64794
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = Llama(mcfg).to(device=device, dtype=dtype).eval()
-    prepare_for_decoding(model)  # what load_for_inference does: a compiled step (a CUDA graph on GPUs)
-    prompt = torch.randint(mcfg.vocab_size, (batch, 32), device=device)
+    engine = Engine(prepare_for_decoding(model))  # what Engine.load does; the compiled step is a CUDA graph on GPUs
+    prompt = torch.randint(mcfg.vocab_size, (batch, 32)).tolist()
     greedy = SamplingConfig(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
-    for _ in generate_tokens(model, prompt, 8, greedy):
+    for _ in engine.stream(prompt, 8, greedy):
         pass
     _sync(device)
     t0 = time.perf_counter()
-    stream = generate_tokens(model, prompt, new_tokens, greedy)
+    stream = engine.stream(prompt, new_tokens, greedy)
     next(stream)
     _sync(device)
     t1 = time.perf_counter()

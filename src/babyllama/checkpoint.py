@@ -39,9 +39,22 @@ class CheckpointError(FileNotFoundError):
     pass
 
 
+TIED_HEAD = "output.weight"  # with tied embeddings, the embedding itself: stored once, under its own name
+
+
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Weights as contiguous CPU tensors; tied embeddings are stored once."""
-    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    config = getattr(model, "config", None)
+    if config is not None and config.tie_embeddings:
+        state.pop(TIED_HEAD, None)
+    return state
+
+
+def trained_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Of a full `state`, the entries of parameters that train (an adapter's, when the rest is frozen)."""
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in state.items() if k in trained}
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
@@ -59,9 +72,13 @@ def _sha256(path: Path) -> str:
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module | dict[str, torch.Tensor],
                     model_config: ModelConfig, optimizer: torch.optim.Optimizer | dict | None = None,
                     state: dict[str, Any] | None = None, run_config: dict[str, Any] | None = None,
-                    keep: int = 2, extra_dirs: dict[str, Path] | None = None) -> Path:
+                    keep: int = 2, extra_dirs: dict[str, Path] | None = None, transforms: list[dict] | None = None,
+                    base: str | None = None) -> Path:
     """`model` and `optimizer` may be objects or (full) state dicts already gathered; `extra_dirs`
-    (e.g. DeepSpeed's optimizer shards) are moved in before the checksums are taken."""
+    (e.g. DeepSpeed's optimizer shards) are moved in before the checksums are taken.
+    `transforms`: the records of the transformations applied to the model (transforms.applied),
+    reapplied by `load_model`. `base`: the checkpoint whose weights this one completes (an adapter
+    checkpoint holds only the parameters it trained)."""
     final = checkpoint_path(run_dir, step)
     root, name = final.parent, final.name
     root.mkdir(parents=True, exist_ok=True)
@@ -69,10 +86,16 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module | dic
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    weights = model_state(model) if isinstance(model, torch.nn.Module) else model
+    weights = model_state(model) if isinstance(model, torch.nn.Module) else dict(model)
+    if model_config.tie_embeddings:
+        weights.pop(TIED_HEAD, None)
     save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"),
               metadata={"format": "pt"})
     meta = {"model": model_config.__dict__, "step": step, "run": run_config or {}}
+    if transforms:
+        meta["transforms"] = transforms
+    if base:
+        meta["base"] = str(base)
     (tmp / "config.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
     if optimizer is not None:
         torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
@@ -186,11 +209,24 @@ def read_model_config(ckpt: Path) -> ModelConfig:
         raise CheckpointError(f"{ckpt / 'config.json'}: not a babyllama model config ({e})") from None
 
 
+def read_meta(ckpt: Path) -> dict:
+    try:
+        return json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{ckpt / 'config.json'}: unreadable ({e})") from None
+
+
 def load_state_file(ckpt: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(ckpt / "model.safetensors"))
+    """The weights a checkpoint holds; a tied head is given back under its own name too."""
+    state = load_file(str(ckpt / "model.safetensors"))
+    if "tok_embeddings.weight" in state and TIED_HEAD not in state and read_model_config(ckpt).tie_embeddings:
+        state[TIED_HEAD] = state["tok_embeddings.weight"]
+    return state
 
 
-def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
+def load_weights(model: torch.nn.Module, ckpt: Path, partial: bool = False) -> None:
+    """Load `ckpt`'s weights into `model`; `partial`: the checkpoint holds only some of them (an
+    adapter's), and every one it holds must fit."""
     state = load_state_file(ckpt)
     own = model.state_dict()
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
@@ -200,6 +236,8 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
                               f"{f' and {len(wrong) - 1} more' if len(wrong) > 1 else ''}); "
                               f"{describe_shape_difference(ckpt, getattr(model, 'config', None))}")
     missing, unexpected = model.load_state_dict(state, strict=False)
+    if partial:
+        missing = []
     if missing or unexpected:
         raise CheckpointError(f"{ckpt}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
@@ -226,13 +264,22 @@ def load_training_state(ckpt: Path) -> tuple[dict | None, dict | None]:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", allow_unverified: bool = False):
-    """(model, checkpoint dir) from a run directory or checkpoint directory, ready for inference."""
+    """(model, checkpoint dir) from a run directory or checkpoint directory, ready for inference.
+    The transformations the checkpoint records are applied again before its weights are loaded;
+    an adapter checkpoint loads its base checkpoint's weights first."""
     import sys
 
     from babyllama.model import Llama
+    from babyllama.transforms import apply_transforms, from_record
 
-    ckpt = find_checkpoint(path, verify=True, warn=lambda msg: print(msg, file=sys.stderr),
-                           allow_unverified=allow_unverified)
+    warn = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    ckpt = find_checkpoint(path, verify=True, warn=warn, allow_unverified=allow_unverified)
+    meta = read_meta(ckpt)
     model = Llama(read_model_config(ckpt))
-    load_weights(model, ckpt)
+    if meta.get("base"):
+        base = find_checkpoint(meta["base"], verify=True, warn=warn, allow_unverified=allow_unverified)
+        load_weights(model, base)
+    transforms = [from_record(r) for r in meta.get("transforms", [])]
+    apply_transforms(model, transforms)
+    load_weights(model, ckpt, partial=bool(meta.get("base")))
     return model.to(device).eval(), ckpt

@@ -35,6 +35,7 @@ FLAGS = {
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 DEVICE_SYNTAX = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 PARALLEL = ("ddp", "fsdp")
+IGNORE_INDEX = -100  # data writes it as the label of positions without loss; the loss skips them
 
 
 def _refuse(name: str, rule: str, value: Any, note: str = "") -> ConfigError:

@@ -118,7 +118,7 @@ def _run_demo(cfg: DemoConfig, out: Path) -> dict:
 
     from babyllama.data.builtin import write_builtin_corpus
     from babyllama.data.pretrain import PrepareConfig, prepare_pretrain
-    from babyllama.infer import SamplingConfig, generate_text, load_for_inference
+    from babyllama.infer import Engine, SamplingConfig
     from babyllama.tokenizer import load_tokenizer
     from babyllama.tokenizer.train import TokenizerTrainConfig, train_tokenizer
     from babyllama.checkpoint import list_checkpoints
@@ -170,11 +170,12 @@ def _run_demo(cfg: DemoConfig, out: Path) -> dict:
               f"{run_cfg.model.max_seq_len} tokens fit the budget on this machine")
     summary = pretrain(PretrainJob(data=str(data_dir), out=str(run_dir), config=run_cfg, resume=resume))
 
-    model, tok, _ = load_for_inference(run_dir, "cpu")
+    engine = Engine.load(run_dir, "cpu")
+    tok = engine.tokenizer
     samples = []
     print("\n== samples (temperature 0.8, top-k 50, top-p 0.9, repetition penalty 1.1)")
     for i, prompt in enumerate(DEMO_PROMPTS):
-        text = generate_text(model, tok, prompt, 80, SamplingConfig(seed=cfg.seed + i))
+        text = engine.complete(prompt, 80, SamplingConfig(seed=cfg.seed + i))
         samples.append({"prompt": prompt, "completion": text})
         print(f"[{prompt}]{text}\n")
     (out / "samples.json").write_text(json.dumps(samples, ensure_ascii=False, indent=2), encoding="utf-8")
@@ -207,26 +208,24 @@ def _run_demo(cfg: DemoConfig, out: Path) -> dict:
 
 
 def sentiment_accuracy(run_dir: Path, heldout_file: str) -> tuple[float, int]:
-    """Share of held-out reviews whose *generated* answer (greedy) starts with the right label."""
-    import torch
-
+    """Share of held-out reviews whose *generated* answer (greedy) starts with the right label.
+    Reviews go through the Engine 16 at a time (each row answers as it would alone)."""
     from babyllama.data.builtin import SENTIMENT_ANSWER, SENTIMENT_PROMPT
-    from babyllama.infer import SamplingConfig, load_for_inference
-    from babyllama.infer.chat import chat_reply
-    from babyllama.tokenizer.chat import ChatTemplate, Message
+    from babyllama.infer import Engine, SamplingConfig
+    from babyllama.tokenizer.chat import Message
 
-    model, tok, _ = load_for_inference(run_dir, "cpu")
-    template = ChatTemplate(tok)
+    engine = Engine.load(run_dir, "cpu")
     greedy = SamplingConfig(temperature=0, repetition_penalty=1.0)
     right = total = 0
-    with open(heldout_file, encoding="utf-8") as f, torch.no_grad(), warnings.catch_warnings(record=True) as cut:
+    with open(heldout_file, encoding="utf-8") as f, warnings.catch_warnings(record=True) as cut:
         warnings.simplefilter("always")  # counted and said once below, not a line per long review
-        for line in f:
-            rec = json.loads(line)
-            reply = chat_reply(model, tok, template, [Message("user", SENTIMENT_PROMPT.format(text=rec["text"]))],
-                               4, greedy)
-            right += reply.strip().startswith(SENTIMENT_ANSWER[rec["label"]])
-            total += 1
+        records = [json.loads(line) for line in f]
+        for start in range(0, len(records), 16):
+            batch = records[start:start + 16]
+            replies = engine.reply_batch([[Message("user", SENTIMENT_PROMPT.format(text=r["text"]))] for r in batch],
+                                         4, greedy)
+            right += sum(reply.strip().startswith(SENTIMENT_ANSWER[r["label"]]) for r, reply in zip(batch, replies))
+            total += len(batch)
     if cut:
         print(f"{len(cut)} of {total} held-out reviews were longer than the context: their earliest tokens were "
               f"dropped, as in training")
@@ -238,10 +237,9 @@ def run_sentiment_sft(cfg: DemoConfig, out: Path, corpus: dict) -> dict:
     weights for the same steps; report both held-out accuracies and a few chat exchanges."""
     from babyllama.data.builtin import write_sentiment_sft
     from babyllama.finetune.sft import SFTJob, default_sft_train, sft
-    from babyllama.infer import SamplingConfig, load_for_inference
-    from babyllama.infer.chat import chat_reply
-    from babyllama.tokenizer.chat import ChatTemplate, Message
     from babyllama.checkpoint import list_checkpoints
+    from babyllama.infer import Engine, SamplingConfig
+    from babyllama.tokenizer.chat import Message
 
     print(f"== 5/6 supervised fine-tuning: review sentiment (about {cfg.sft_minutes:g} minutes, twice)")
     data = write_sentiment_sft(corpus["reviews"], out / "corpus" / "sentiment_sft.jsonl")
@@ -286,8 +284,7 @@ def run_sentiment_sft(cfg: DemoConfig, out: Path, corpus: dict) -> dict:
     results["sft_steps"] = train.max_steps
 
     print("== 6/6 a few chat exchanges with the fine-tuned model")
-    model, tok, _ = load_for_inference(out / "sft", "cpu")
-    template = ChatTemplate(tok)
+    engine = Engine.load(out / "sft", "cpu")
     exchanges = []
     with open(corpus["heldout"], encoding="utf-8") as f:
         reviews = [json.loads(next(f)) for _ in range(3)]
@@ -295,7 +292,7 @@ def run_sentiment_sft(cfg: DemoConfig, out: Path, corpus: dict) -> dict:
 
     for rec in reviews:
         question = SENTIMENT_PROMPT.format(text=rec["text"][:80])
-        answer = chat_reply(model, tok, template, [Message("user", question)], 8, SamplingConfig(temperature=0))
+        answer = engine.reply([Message("user", question)], 8, SamplingConfig(temperature=0))
         exchanges.append({"user": question, "assistant": answer, "label": rec["label"]})
         print(f"用户> {question}\n助手> {answer}   (label: {rec['label']})\n")
     results["chat"] = exchanges

@@ -166,7 +166,7 @@ def test_sft_csv_without_prompt_and_answer_columns_lists_them(tmp_path):
     with pytest.raises(DataError) as e:
         pairs(p)
     assert str(e.value) == (f"{p}: no prompt and answer columns among: a, b; name them: "
-                            f"{p}::csv:PROMPT_COL,ANSWER_COL or --format csv:PROMPT_COL,ANSWER_COL")
+                            f"{p}::csv:PROMPT_COL,ANSWER_COL or --layout csv:PROMPT_COL,ANSWER_COL")
 
 
 def test_sft_csv_bad_rows_are_skipped_or_raised_with_their_line(tmp_path):

@@ -6,7 +6,8 @@ import torch
 from babyllama.corpus.readers import DataError
 from babyllama.data.sft import SFTStats, fit_to_window
 from babyllama.finetune.sft import SFTJob, default_sft_train, sft
-from babyllama.infer.chat import chat_reply, fit_history, repl
+from babyllama.infer.chat import fit_history, repl
+from babyllama.infer.engine import Engine
 from babyllama.infer.sampling import SamplingConfig
 from babyllama.tokenizer.chat import IGNORE, ChatTemplate, Message
 from babyllama.checkpoint import save_checkpoint
@@ -50,10 +51,8 @@ def test_sft_loss_falls_and_masks_prompts(base_run, tmp_path, tokenizer):
     (_, v0), (_, v1) = summary["val"][0], summary["val"][-1]
     assert v1 < v0 / 3  # the constant answer is learnt
     assert summary["data"]["train"] + summary["data"]["val"] == 200
-    from babyllama.infer.generate import load_for_inference
-
-    model, tok, _ = load_for_inference(tmp_path / "sft", "cpu")
-    reply = chat_reply(model, tok, ChatTemplate(tok), [Message("user", "第1000个问题是什么？")], 20,
+    engine = Engine.load(tmp_path / "sft", "cpu")
+    reply = engine.reply([Message("user", "第1000个问题是什么？")], 20,
                        SamplingConfig(temperature=0))
     assert reply == "答案是好。"
 
@@ -75,12 +74,10 @@ def test_history_is_trimmed_from_the_oldest_turn(tokenizer):
 
 
 def test_repl_commands(base_run):
-    from babyllama.infer.generate import load_for_inference
-
-    model, tok, _ = load_for_inference(base_run, "cpu")
+    engine = Engine.load(base_run, "cpu")
     lines = iter(["/system 你是医生", "你好", "/reset", "/bogus", "/exit"])
     out = []
-    repl(model, tok, SamplingConfig(temperature=0), 5, read=lambda prompt: next(lines), write=out.append)
+    repl(engine, SamplingConfig(temperature=0), 5, read=lambda prompt: next(lines), write=out.append)
     text = "".join(out)
     assert "(system prompt set)" in text and "(conversation cleared)" in text and "unknown command" in text
     assert "助手> " in text
@@ -124,8 +121,6 @@ def test_cli_prepared_data_and_packed_sft(base_run, tmp_path):
     # 2 rows of 64 tokens per step, each conversation ~15 tokens: far more than 2 conversations a step
     steps = [r for r in metrics if "loss" in r]
     assert steps[-1]["tokens"] / steps[-1]["step"] > 100
-    from babyllama.infer.generate import load_for_inference
-
-    model, tok, _ = load_for_inference(tmp_path / "run", "cpu")
-    assert chat_reply(model, tok, ChatTemplate(tok), [Message("user", "第999个问题？")], 10,
+    engine = Engine.load(tmp_path / "run", "cpu")
+    assert engine.reply([Message("user", "第999个问题？")], 10,
                       SamplingConfig(temperature=0)) == "好的。"

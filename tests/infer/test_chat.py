@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from babyllama.config import ConfigError
-from babyllama.infer import chat as chat_mod
-from babyllama.infer.chat import chat_reply, fit_chat_prompt, repl, tolerate_bad_bytes
+from babyllama.infer.chat import fit_chat_prompt, repl, tolerate_bad_bytes
+from babyllama.infer.engine import Engine
 from babyllama.infer.sampling import SamplingConfig
 from babyllama.infer.text import user_text
 from babyllama.model import Llama
@@ -102,15 +102,26 @@ def test_a_context_too_small_for_the_markers_is_a_config_error(tokenizer):
         fit_chat_prompt(template, [Message("system", "系统"), Message("user", "你好")], 8, 4)
 
 
-def test_chat_reply_with_a_prompt_longer_than_the_context(tokenizer):
+def test_a_reply_to_a_prompt_longer_than_the_context(tokenizer):
     torch.manual_seed(0)
     model = Llama(tiny_model_config(vocab_size=tokenizer.vocab_size, max_seq_len=64)).eval()
-    template = ChatTemplate(tokenizer)
+    engine = Engine(model, tokenizer)
     with pytest.warns(UserWarning, match="the context holds 64, 32 of them kept for the reply"):
-        reply = chat_reply(model, tokenizer, template, [Message("user", LONG)], 100, GREEDY)
+        reply = engine.reply([Message("user", LONG)], 100, GREEDY)
     assert isinstance(reply, str)
     with pytest.raises(ConfigError, match="--max-new-tokens must be an integer >= 1, got 0"):
-        chat_reply(model, tokenizer, template, [Message("user", "你好")], 0, GREEDY)
+        engine.reply([Message("user", "你好")], 0, GREEDY)
+
+
+class FakeEngine:
+    """Stands in for the Engine in terminal tests: records what it was asked, answers 好."""
+
+    def __init__(self, record):
+        self.record = record
+
+    def reply(self, history, *args, **kwargs):
+        self.record(history)
+        return "好"
 
 
 # --- text that is not UTF-8 -----------------------------------------------------------------------
@@ -142,20 +153,19 @@ def test_user_text_names_the_likely_encoding():
         user_text("\ud800")
 
 
-def test_repl_reports_a_line_that_is_not_utf8_and_goes_on(tokenizer, monkeypatch):
+def test_repl_reports_a_line_that_is_not_utf8_and_goes_on(tokenizer):
     asked = []
-    monkeypatch.setattr(chat_mod, "chat_reply", lambda model, tok, tpl, history, *a, **k: asked.append(
-        [m.content for m in history]) or "好")
+    engine = FakeEngine(lambda history: asked.append([m.content for m in history]))
     lines = iter([_as_argv("你好".encode("gbk")), "再见", "/exit"])
     out = []
-    repl(None, tokenizer, GREEDY, 5, read=lambda prompt: next(lines), write=out.append)
+    repl(engine, GREEDY, 5, read=lambda prompt: next(lines), write=out.append)
     text = "".join(out)
     assert "error: that line is not UTF-8; it looks like gb18030" in text and "--encoding gb18030" in text
     assert asked == [["再见"]]  # the session went on after the bad line
 
     lines = iter([_as_argv("你好".encode("gbk")), "/exit"])
     asked.clear()
-    repl(None, tokenizer, GREEDY, 5, system=_as_argv("你是助手".encode("gbk")), read=lambda prompt: next(lines),
+    repl(engine, GREEDY, 5, system=_as_argv("你是助手".encode("gbk")), read=lambda prompt: next(lines),
          write=out.append, encoding="gb18030")
     assert asked == [["你是助手", "你好"]]
 
@@ -163,13 +173,12 @@ def test_repl_reports_a_line_that_is_not_utf8_and_goes_on(tokenizer, monkeypatch
 def test_repl_reading_gbk_from_stdin(tokenizer, monkeypatch):
     """Through the real input(): stdin is told to pass bad bytes on instead of raising."""
     asked = []
-    monkeypatch.setattr(chat_mod, "chat_reply", lambda model, tok, tpl, history, *a, **k: asked.append(
-        history[-1].content) or "好")
+    engine = FakeEngine(lambda history: asked.append(history[-1].content))
     for encoding, expected in ((None, []), ("gb18030", ["你好"])):
         stdin = io.TextIOWrapper(io.BytesIO("你好\n".encode("gbk") + b"/exit\n"), encoding="utf-8")
         monkeypatch.setattr(sys, "stdin", stdin)
         out = []
-        repl(None, tokenizer, GREEDY, 5, write=out.append, encoding=encoding)
+        repl(engine, GREEDY, 5, write=out.append, encoding=encoding)
         assert stdin.errors == "surrogateescape"
         assert asked == expected
         assert ("error: that line is not UTF-8" in "".join(out)) == (encoding is None)

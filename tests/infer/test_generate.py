@@ -106,6 +106,7 @@ def test_decoding_layout_gives_the_same_logits_and_tokens(tie, compiled):
     with torch.no_grad():
         torch.testing.assert_close(fast(tokens), plain(tokens), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(fast(tokens[:1, :1]), plain(tokens[:1, :1]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast(tokens[:, :3]), plain(tokens[:, :3]), rtol=1e-5, atol=1e-5)  # a few rows
     greedy = SamplingConfig(temperature=0, repetition_penalty=1.0)
     a = torch.stack(list(generate_tokens(plain, tokens[:1, :8], 20, greedy)))
     b = torch.stack(list(generate_tokens(fast, tokens[:1, :8], 20, greedy)))
@@ -135,20 +136,23 @@ def test_compiled_decode_step_gives_the_same_tokens():
     if not compiler_available():
         pytest.skip("torch.compile on the CPU needs a C++ compiler")  # the eager path is tested above
     plain = _model()
-    fast = prepare_for_decoding(copy.deepcopy(plain), compile_step=True)
-    prompt = torch.randint(0, 1024, (1, 6))
-    a = torch.stack(list(generate_tokens(plain, prompt, 40, GREEDY)))
-    b = torch.stack(list(generate_tokens(fast, prompt, 40, GREEDY)))
-    assert torch.equal(a, b)
-    session = DecodeSession(fast, 1, 10)
+    from babyllama.infer.engine import Engine
+
+    fast = prepare_for_decoding(copy.deepcopy(plain))
+    engine = Engine(fast, compile_step=True)
+    prompt = [int(t) for t in torch.randint(0, 1024, (6,))]
+    assert engine.generate([prompt], 40, GREEDY) == Engine(plain, compile_step=False).generate([prompt], 40, GREEDY)
+    pool: dict = {}
+    session = DecodeSession(fast, 1, 10, compiled=True, pool=pool)
     assert session.compiled and session.cache.max_seq_len == 96  # rounded up to 256, capped at the context
     session.close()
+    assert pool[(1, 96)] is session.cache
     # a later reply reuses the cache an earlier one handed back; what that one left there is never read
-    spare = fast._spare_decode_cache[1]
-    other = torch.randint(0, 1024, (1, 3))
-    c = torch.stack(list(generate_tokens(fast, other, 30, GREEDY)))
-    assert fast._spare_decode_cache[1] is spare
-    assert torch.equal(c, torch.stack(list(generate_tokens(plain, other, 30, GREEDY))))
+    spare = engine._caches[(1, 96)]
+    other = [int(t) for t in torch.randint(0, 1024, (3,))]
+    c = engine.generate([other], 30, GREEDY)
+    assert engine._caches[(1, 96)] is spare
+    assert c == Engine(plain, compile_step=False).generate([other], 30, GREEDY)
 
 
 def test_compiled_decode_step_falls_back_to_eager_with_a_warning(monkeypatch):
@@ -163,55 +167,57 @@ def test_compiled_decode_step_falls_back_to_eager_with_a_warning(monkeypatch):
 
     monkeypatch.setattr(decode, "_compiled_one_token", broken)
     plain = _model()
-    fast = decode.prepare_for_decoding(copy.deepcopy(plain), compiled=False, compile_step=True)
-    prompt = torch.randint(0, 1024, (1, 6))
+    from babyllama.infer.engine import Engine
+
+    engine = Engine(decode.prepare_for_decoding(copy.deepcopy(plain), compiled=False), compile_step=True)
+    prompt = [int(t) for t in torch.randint(0, 1024, (6,))]
     with pytest.warns(UserWarning, match="decoding eagerly"):
-        b = torch.stack(list(generate_tokens(fast, prompt, 20, GREEDY)))
-    assert torch.equal(b, torch.stack(list(generate_tokens(plain, prompt, 20, GREEDY))))
-    assert not fast._compile_decode_step
+        b = engine.generate([prompt], 20, GREEDY)
+    assert b == Engine(plain, compile_step=False).generate([prompt], 20, GREEDY)
+    assert not engine.compile_step  # not tried again for the next reply
 
 
 def test_decode_cache_length_is_bucketed():
     from babyllama.infer.decode import DecodeSession, prepare_for_decoding
 
-    model = prepare_for_decoding(Llama(tiny_model_config(max_seq_len=1024)), compiled=False, compile_step=True)
-    assert [DecodeSession(model, 1, n).cache.max_seq_len for n in (10, 256, 257, 900)] == [256, 256, 512, 1024]
-    eager = prepare_for_decoding(Llama(tiny_model_config(max_seq_len=1024)), compiled=False)
-    assert DecodeSession(eager, 1, 10).cache.max_seq_len == 10  # no compiled step: exactly what is needed
+    model = prepare_for_decoding(Llama(tiny_model_config(max_seq_len=1024)), compiled=False)
+    assert [DecodeSession(model, 1, n, compiled=True).cache.max_seq_len for n in (10, 256, 257, 900)] == \
+        [256, 256, 512, 1024]
+    assert DecodeSession(model, 1, 10).cache.max_seq_len == 10  # no compiled step: exactly what is needed
 
 
 def test_a_prompt_longer_than_the_context_loses_its_earliest_tokens(tokenizer, monkeypatch):
     """It used to raise ValueError. Now room for the reply is kept (max_new_tokens, at most half the
     window), the earliest tokens go with a warning, and the leading EOS document boundary stays."""
-    from babyllama.infer import generate
+    from babyllama.infer.engine import Engine
 
-    model = Llama(tiny_model_config(vocab_size=tokenizer.vocab_size, max_seq_len=64)).eval()
+    engine = Engine(Llama(tiny_model_config(vocab_size=tokenizer.vocab_size, max_seq_len=64)).eval(), tokenizer)
     prompt = "我们今天讨论人民日报上的一篇新闻，它写的是农业和工业的发展。" * 6
     ids = tokenizer.encode(prompt)
     seen = []
-    monkeypatch.setattr(generate, "stream_text", lambda m, t, prompt_ids, *a, **k: seen.append(prompt_ids) or "")
+    monkeypatch.setattr(Engine, "_texts", lambda self, prompts, *a, **k: seen.append(prompts[0]) or [""])
     with pytest.warns(UserWarning) as caught:
-        generate.generate_text(model, tokenizer, prompt, 10)
+        engine.complete(prompt, 10)
     assert str(caught[0].message) == (f"prompt is {len(ids)} tokens; the context holds 64, 10 of them kept for the "
                                       f"reply: the earliest {len(ids) - 53} tokens were dropped")
     assert seen[-1] == [tokenizer.eos_id] + ids[-53:]
     with pytest.warns(UserWarning, match="the context holds 64, 32 of them kept for the reply"):
-        generate.generate_text(model, tokenizer, prompt, 500)
+        engine.complete(prompt, 500)
     assert len(seen[-1]) == 32 and seen[-1][0] == tokenizer.eos_id
     monkeypatch.undo()
     with pytest.warns(UserWarning, match="tokens were dropped"):
-        text = generate.generate_text(model, tokenizer, prompt, 20, GREEDY, stop_at_eos=False)
+        text = engine.complete(prompt, 20, GREEDY, stop_at_eos=False)
     assert isinstance(text, str) and text
 
 
 def test_max_new_tokens_below_one_is_a_config_error(tokenizer):
     from babyllama.config import ConfigError
-    from babyllama.infer.generate import generate_text
+    from babyllama.infer.engine import Engine
 
     model = _model()
     with pytest.raises(ConfigError, match="--max-new-tokens must be an integer >= 1, got 0"):
         next(generate_tokens(model, torch.zeros(1, 3, dtype=torch.long), 0, GREEDY))
     with pytest.raises(ConfigError, match="--max-new-tokens must be an integer >= 1, got -5"):
-        generate_text(model, tokenizer, "你好", -5, GREEDY)
+        Engine(model, tokenizer).complete("你好", -5, GREEDY)
     with pytest.raises(ConfigError, match="prompt has 96 tokens; the model's context is 96"):
         next(generate_tokens(model, torch.zeros(1, 96, dtype=torch.long), 5, GREEDY))

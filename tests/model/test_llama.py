@@ -62,7 +62,7 @@ def naive_forward(model: Llama, tokens: torch.Tensor) -> torch.Tensor:
         h = rms(x, layer.ffn_norm.weight)
         gate, up = (h @ layer.feed_forward.w13.weight.t()).split(cfg.hidden_dim, dim=-1)
         x = x + (F.silu(gate) * up) @ layer.feed_forward.w2.weight.t()
-    return rms(x, model.norm.weight) @ model.output_weight.t()
+    return rms(x, model.norm.weight) @ model.output.weight.t()
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1])

@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 
@@ -30,3 +35,23 @@ def random_batches(n, batch, seq, vocab, seed=0, mask_some=False):
             y[torch.arange(seq)[None, :] < cut[:, None]] = -100
         out.append((x, y))
     return out
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def torchrun_module(module: str, args: list[str], nproc: int = 2, timeout: float = 300):
+    """`python -m torch.distributed.run --standalone -m MODULE ARGS` from the repository root (so
+    `tests.*` imports), on CPU threads of their own; a lost rendezvous race is retried once."""
+    from tests.train.test_distributed import TRANSIENT_LAUNCH_ERRORS
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", module, *args]
+    for _ in range(2):
+        res = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+        if res.returncode == 0 or not any(m in res.stderr for m in TRANSIENT_LAUNCH_ERRORS):
+            break
+    first = max(res.stderr.find("Traceback"), 0)  # a rank's own error, before the launcher's summary
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[first:first + 4000] + res.stderr[-1500:]
+    return res

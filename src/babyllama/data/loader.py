@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from babyllama.data.batches import ShuffledBatches
 from babyllama.data.pretrain import load_manifest
 from babyllama.corpus.readers import DataError
 
@@ -86,49 +87,21 @@ class TokenWindows:
                                 f"another tokenizer (prepare the data again)")
 
 
-class PretrainBatches:
+class PretrainBatches(ShuffledBatches):
     """An endless, shuffled, resumable stream of (tokens, targets) micro-batches."""
 
     def __init__(self, directory: str | Path, seq_len: int, batch_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, split: str = "train", vocab_limit: int | None = None):
         self.windows = TokenWindows(directory, split, seq_len, vocab_limit)
-        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        global_batch = batch_size * world_size
-        if self.windows.num_windows < global_batch:
-            raise DataError(f"{directory}: the {split} split has {self.windows.num_windows} windows of "
-                            f"{seq_len + 1} tokens, fewer than one batch ({global_batch}); "
+        self.num_items = self.windows.num_windows
+        if self.num_items < batch_size * world_size:
+            raise DataError(f"{directory}: the {split} split has {self.num_items} windows of "
+                            f"{seq_len + 1} tokens, fewer than one batch ({batch_size * world_size}); "
                             f"use more data, a smaller batch_size or a shorter max_seq_len")
-        self.epoch, self.cursor = 0, 0
-        self._order = self._permutation(0)
+        super().__init__(batch_size, seed, rank, world_size)
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.windows.num_windows, generator=g).numpy()
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.windows.num_windows // (self.batch_size * self.world_size)
-
-    def next_indices(self) -> np.ndarray:
-        """Window indices of this rank's next micro-batch."""
-        global_batch = self.batch_size * self.world_size
-        if self.cursor + global_batch > len(self._order):  # drop the ragged tail, start a new epoch
-            self.epoch += 1
-            self.cursor = 0
-            self._order = self._permutation(self.epoch)
-        chosen = self._order[self.cursor:self.cursor + global_batch][self.rank::self.world_size]
-        self.cursor += global_batch
-        return chosen
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.windows.batch(self.next_indices())
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-        self._order = self._permutation(self.epoch)
+    def make_batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.windows.batch(indices)
 
 
 def validation_batches(directory: str | Path, seq_len: int, batch_size: int, max_batches: int,

@@ -27,7 +27,9 @@ from typing import Any, Iterator
 
 from babyllama.corpus.encodings import Utf8Source, check_encoding, codec_name, not_decodable, undecodable_at
 from babyllama.corpus.readers import CsvFile, DataError, ReadStats, check_readable, container_of
-from babyllama.tokenizer.chat import IGNORE, Message
+from babyllama.config import IGNORE_INDEX
+from babyllama.data.batches import ShuffledBatches
+from babyllama.tokenizer.chat import Message
 
 SFT_LAYOUTS = ("auto", "alpaca", "sharegpt", "openai", "qa", "csv")  # and csv:PROMPT_COL,ANSWER_COL
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -68,7 +70,7 @@ def detect_layout(record: Any) -> str:
         return "alpaca"
     if any(q in record and a in record for q, a in _QA_KEYS):
         return "qa"
-    raise DataError(f"cannot tell the SFT layout from keys {sorted(record)}; pass --format "
+    raise DataError(f"cannot tell the SFT layout from keys {sorted(record)}; pass --layout "
                     f"({', '.join(SFT_LAYOUTS[1:])})")
 
 
@@ -233,7 +235,7 @@ def _csv_columns(path: Path, layout: str, header: list[str]) -> tuple[str, str, 
             extra = by_lower.get("input") if q == "instruction" else None
             return by_lower[q], by_lower[a], extra
     raise DataError(f"{path}: no prompt and answer columns among: {', '.join(header)}; name them: "
-                    f"{path}::csv:PROMPT_COL,ANSWER_COL or --format csv:PROMPT_COL,ANSWER_COL")
+                    f"{path}::csv:PROMPT_COL,ANSWER_COL or --layout csv:PROMPT_COL,ANSWER_COL")
 
 
 def read_conversations(path: str | Path, layout: str = "auto", stats: ReadStats | None = None,
@@ -304,17 +306,17 @@ def fit_to_window(ids: list[int], labels: list[int], max_len: int, stats: SFTSta
     if len(ids) <= max_len:
         return ids, labels
     last = len(labels) - 1
-    while labels[last] == IGNORE:
+    while labels[last] == IGNORE_INDEX:
         last -= 1
     reply_start = last
-    while reply_start > 0 and labels[reply_start - 1] != IGNORE:
+    while reply_start > 0 and labels[reply_start - 1] != IGNORE_INDEX:
         reply_start -= 1
     cut = len(ids) - max_len
     if cut <= reply_start - header:
         stats.truncated_prompt += 1
         ids, labels = ids[cut:], labels[cut:]
-        first_ignored = labels.index(IGNORE)
-        labels = [IGNORE] * first_ignored + labels[first_ignored:]  # no loss on a reply cut in half
+        first_ignored = labels.index(IGNORE_INDEX)
+        labels = [IGNORE_INDEX] * first_ignored + labels[first_ignored:]  # no loss on a reply cut in half
         return ids, labels
     stats.truncated_reply += 1
     start = max(0, reply_start - header)
@@ -332,7 +334,7 @@ def tokenize_conversations(convs, template, max_len: int, stats: SFTStats | None
     return out
 
 
-class SFTBatches:
+class SFTBatches(ShuffledBatches):
     """Shuffled, resumable micro-batches of conversations, padded to the longest in the batch.
     Inputs are ids[:-1], targets labels[1:]; padding is never trained on. Rank-aware like
     PretrainBatches (rank r takes every world_size-th sample of each global batch)."""
@@ -341,46 +343,26 @@ class SFTBatches:
                  rank: int = 0, world_size: int = 1):
         if len(samples) < batch_size * world_size:
             raise DataError(f"{len(samples)} conversations are fewer than one batch ({batch_size * world_size})")
-        self.samples, self.batch_size, self.pad_id = samples, batch_size, pad_id
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch, self.cursor = 0, 0
-        self._order = self._permutation(0)
+        self.samples, self.pad_id, self.num_items = samples, pad_id, len(samples)
+        super().__init__(batch_size, seed, rank, world_size)
 
-    def _permutation(self, epoch: int):
+    def arrange(self, order, generator) -> list[int]:
         """A shuffled order in which neighbours have similar lengths: windows of 64 batches are
         sorted by length and their batches shuffled again, so little compute goes to padding."""
         import torch
 
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.samples), generator=g).tolist()
-        global_batch = self.batch_size * self.world_size
+        order = order.tolist()
+        global_batch = self.global_batch
         window = 64 * global_batch
         batches = []
         for start in range(0, len(order), window):
             chunk = sorted(order[start:start + window], key=lambda i: len(self.samples[i].ids))
             batches += [chunk[i:i + global_batch] for i in range(0, len(chunk), global_batch)]
-        shuffled = torch.randperm(len(batches), generator=g).tolist()
+        shuffled = torch.randperm(len(batches), generator=generator).tolist()
         return [i for b in shuffled for i in batches[b]]
 
-    def _next_share(self) -> list:
-        """This rank's entries of the next global batch (a new epoch's order when one runs out)."""
-        global_batch = self.batch_size * self.world_size
-        if self.cursor + global_batch > len(self._order):
-            self.epoch, self.cursor = self.epoch + 1, 0
-            self._order = self._permutation(self.epoch)
-        share = self._order[self.cursor:self.cursor + global_batch][self.rank::self.world_size]
-        self.cursor += global_batch
-        return share
-
-    def next_batch(self):
-        return collate([self.samples[i] for i in self._next_share()], self.pad_id)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-        self._order = self._permutation(self.epoch)
+    def make_batch(self, indices: list[int]):
+        return collate([self.samples[i] for i in indices], self.pad_id)
 
 
 def collate(samples: list[SFTSample], pad_id: int):
@@ -388,7 +370,7 @@ def collate(samples: list[SFTSample], pad_id: int):
 
     width = max(len(s.ids) for s in samples) - 1
     x = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    y = torch.full((len(samples), width), IGNORE, dtype=torch.long)
+    y = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
     for row, s in enumerate(samples):
         n = len(s.ids) - 1
         x[row, :n] = torch.tensor(s.ids[:-1])
@@ -429,16 +411,14 @@ class PackedSFTBatches(SFTBatches):
             raise DataError(f"{len(samples)} conversations pack into {len(self._order)} rows of {capacity} tokens, "
                             f"fewer than one batch ({batch_size * world_size}); lower the batch size")
 
-    def _permutation(self, epoch: int):
+    def arrange(self, order, generator) -> list[list[int]]:  # entries of the order are rows of samples
         import torch
 
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.samples), generator=g).tolist()
-        rows = pack_rows(self._lengths, order, self.capacity)
-        return [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
+        rows = pack_rows(self._lengths, order.tolist(), self.capacity)
+        return [rows[i] for i in torch.randperm(len(rows), generator=generator).tolist()]
 
-    def next_batch(self):  # entries of the order are rows (lists of sample indices)
-        return collate_packed([[self.samples[i] for i in row] for row in self._next_share()], self.pad_id)
+    def make_batch(self, rows: list[list[int]]):
+        return collate_packed([[self.samples[i] for i in row] for row in rows], self.pad_id)
 
 
 def collate_packed(rows: list[list[SFTSample]], pad_id: int):
@@ -447,7 +427,7 @@ def collate_packed(rows: list[list[SFTSample]], pad_id: int):
 
     width = max(sum(len(s.ids) - 1 for s in row) for row in rows)
     x = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    y = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    y = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     seg = torch.full((len(rows), width), -1, dtype=torch.long)
     for r, row in enumerate(rows):
         pos = 0
@@ -463,11 +443,11 @@ def collate_packed(rows: list[list[SFTSample]], pad_id: int):
 # --- reading, splitting and tokenizing files; prepared datasets on disk ---------------------------
 
 def is_validation_conversation(msgs: list[Message], fraction: float) -> bool:
-    """A stable hash of the text decides, so the split survives reordering and re-runs."""
-    import zlib
+    """The pretraining rule (a stable hash of the text) on the turns joined by NUL, so the split
+    survives reordering and re-runs and duplicate conversations land on the same side."""
+    from babyllama.data.pretrain import is_validation
 
-    key = "\x00".join(m.content for m in msgs).encode("utf-8")
-    return (zlib.crc32(key) % 1_000_000) < fraction * 1_000_000
+    return is_validation("\x00".join(m.content for m in msgs), fraction)
 
 
 def build_sft_samples(files: list[str], template, max_len: int, layout: str = "auto",
@@ -518,7 +498,9 @@ class PrepareSFTConfig:
     tokenizer: str
     out: str
     layout: str = "auto"
-    max_len: int = 1024  # tokens per conversation incl. the shifted target; match the model's max_seq_len + 1
+    # tokens per conversation incl. the shifted target, so the model's max_seq_len + 1: a model of
+    # max_seq_len 1024 reads ids[:-1] and learns labels[1:] (the CLI's --max-len default too)
+    max_len: int = 1025
     val_fraction: float = 0.02
     on_error: str = "skip"
     overwrite: bool = False  # replace an existing SFT dataset in `out` (never anything else)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -13,9 +12,8 @@ from babyllama.data.sft import (PackedSFTBatches, SFTBatches, SFTSample, SFTStat
                                 collate_packed, fit_to_window, is_prepared_sft, load_prepared_sft,
                                 samples_fingerprint)
 from babyllama.tokenizer.chat import ChatTemplate
-from babyllama.train.loop import Trainer
-from babyllama.outputs import write_text_atomic
-from babyllama.train.rundir import check_resume_matches, open_run_dir, write_run_info
+from babyllama.train.objectives import AssistantTokens
+from babyllama.train.stage import StageParts, StageRun, run_stage
 
 
 def default_sft_train() -> TrainConfig:
@@ -76,19 +74,13 @@ def load_sft_samples(data: list[str], template: ChatTemplate, max_len: int, layo
 
 
 def sft(job: SFTJob) -> dict:
-    from babyllama.train.distributed import distributed_env
-    from babyllama.runtime import pick_device
-
-    env = distributed_env(pick_device(job.train.device).type)
-    out = Path(job.out)
-    run = open_run_dir(out, job.resume, job.overwrite, [*job.data, job.ckpt], writer=env.is_main)
-    try:
-        return _sft(job, env, out)
-    finally:
-        run.close()
+    run = StageRun.from_job(job, stage="sft", train=job.train, inputs=[*job.data, job.ckpt],
+                            retry_hint=f"or fine-tune further in a new run: --ckpt {job.out}",
+                            plot_title="babyllama SFT")
+    return run_stage(run, lambda env: _build(job, env))
 
 
-def _sft(job: SFTJob, env, out: Path) -> dict:
+def _build(job: SFTJob, env) -> StageParts:
     from babyllama.infer.generate import load_for_inference
 
     show = job.progress and env.is_main
@@ -110,45 +102,24 @@ def _sft(job: SFTJob, env, out: Path) -> dict:
     cfg = model.config
     train, val, report = load_sft_samples(job.data, template, cfg.max_seq_len + 1, job.layout, job.val_fraction,
                                           job.on_error, show, encoding=job.encoding)
-    data = {"path": ", ".join(job.data), "fingerprint": samples_fingerprint(train, val)}
-    run = RunConfig(model=cfg, train=job.train)
-    if env.is_main:
-        if job.resume:
-            check_resume_matches(out, "sft", data, tok.fingerprint,
-                                 f"or fine-tune further in a new run: --ckpt {out}")
-        else:  # what a resume must match, written before anything else of the run
-            write_run_info(out, "sft", data, tok.fingerprint, source_checkpoint=str(src_ckpt))
-            tok.save(out / "tokenizer")
     bs = job.train.batch_size
     vbs = bs * env.world_size  # validation batches are global: each rank evaluates its share
-    val = val[:vbs * job.train.eval_batches]
+    val_rows = val[:vbs * job.train.eval_batches]
     if job.pack:
         batches = PackedSFTBatches(train, bs, tok.pad_id, capacity=cfg.max_seq_len, seed=job.train.seed,
                                    rank=env.rank, world_size=env.world_size)
-        val_batches = [collate_packed([[s] for s in val[i:i + vbs]], tok.pad_id) for i in range(0, len(val), vbs)]
+        val_batches = [collate_packed([[s] for s in val_rows[i:i + vbs]], tok.pad_id)
+                       for i in range(0, len(val_rows), vbs)]
     else:
         batches = SFTBatches(train, bs, tok.pad_id, seed=job.train.seed, rank=env.rank, world_size=env.world_size)
-        val_batches = [collate(val[i:i + vbs], tok.pad_id) for i in range(0, len(val), vbs)]
-    trainer = Trainer(model, cfg, job.train, batches, out, val_batches=val_batches or None,
-                      run_config=run.to_dict(), progress=show)
-    if job.resume:
-        trainer.resume(allow_unverified=job.allow_unverified)
-    if env.is_main:  # after a resume was accepted: a refused one changes nothing
-        write_text_atomic(out / "run_config.toml", run.to_toml())
-        write_text_atomic(out / "sft_data.json", json.dumps({**report, "source_checkpoint": str(src_ckpt)},
-                                                            indent=2, ensure_ascii=False))
-    if show:
-        print(f"SFT: {report['train']:,} training / {report['val']:,} validation conversations "
-              f"({report['skipped']} skipped, {report.get('fixed', 0)} fixed, {report['truncated_prompt']} prompts and "
-              f"{report['truncated_reply']} replies truncated to {cfg.max_seq_len} tokens)")
-    summary = trainer.fit(job.stop_at_step)
-    summary["data"] = report
-    if not env.is_main:
-        return summary
-    try:
-        from babyllama.train.plot import plot_loss
-
-        summary["plot"] = str(plot_loss(out / "metrics.jsonl", out / "loss.png", title="babyllama SFT"))
-    except Exception as e:
-        print(f"could not draw the loss curve: {e}")
-    return summary
+        val_batches = [collate(val_rows[i:i + vbs], tok.pad_id) for i in range(0, len(val_rows), vbs)]
+    description = (f"SFT: {report['train']:,} training / {report['val']:,} validation conversations "
+                   f"({report['skipped']} skipped, {report.get('fixed', 0)} fixed, {report['truncated_prompt']} "
+                   f"prompts and {report['truncated_reply']} replies truncated to {cfg.max_seq_len} tokens)")
+    return StageParts(model, AssistantTokens(), batches, val_batches,
+                      data={"path": ", ".join(job.data), "fingerprint": samples_fingerprint(train, val)},
+                      tokenizer=tok, config=RunConfig(model=cfg, train=job.train),
+                      run_info={"source_checkpoint": str(src_ckpt)},
+                      files={"sft_data.json": json.dumps({**report, "source_checkpoint": str(src_ckpt)}, indent=2,
+                                                         ensure_ascii=False)},
+                      describe=lambda trainer: description, summary={"data": report})

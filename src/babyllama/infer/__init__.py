@@ -1,6 +1,7 @@
-"""Inference: sampling, generation with a KV cache, streaming text (chat comes with SFT)."""
+"""Inference: the Engine (batched KV-cache generation, text and chat), sampling, the decoding layout."""
 
-from babyllama.infer.generate import generate_text, generate_tokens, load_for_inference
+from babyllama.infer.engine import Engine
+from babyllama.infer.generate import generate_tokens, load_for_inference
 from babyllama.infer.sampling import SamplingConfig
 
-__all__ = ["generate_tokens", "generate_text", "load_for_inference", "SamplingConfig"]
+__all__ = ["Engine", "generate_tokens", "load_for_inference", "SamplingConfig"]

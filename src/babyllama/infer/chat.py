@@ -1,4 +1,5 @@
-"""Multi-turn chat on top of generation: the one chat template, history kept within the window."""
+"""Multi-turn chat: fitting a conversation into the context, and the terminal session (`repl`).
+The reply itself is `Engine.reply` (infer/engine.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,8 @@ import sys
 import warnings
 from typing import Callable
 
-import torch
-
 from babyllama.config import ConfigError
-from babyllama.infer.generate import prompt_cut_warning, reply_room, stream_text
+from babyllama.infer.generate import prompt_cut_warning, reply_room
 from babyllama.infer.sampling import SamplingConfig, check_max_new_tokens
 from babyllama.infer.text import check_encoding, user_text
 from babyllama.tokenizer.chat import ChatTemplate, Message
@@ -57,18 +56,6 @@ def fit_chat_prompt(template: ChatTemplate, messages: list[Message], limit: int,
     return [i for s in segments for i in s.ids()]
 
 
-@torch.no_grad()
-def chat_reply(model, tokenizer, template: ChatTemplate, messages: list[Message], max_new_tokens: int = 256,
-               sampling: SamplingConfig | None = None, on_text: Callable[[str], None] | None = None) -> str:
-    """Generate the assistant's next reply to `messages`, stopping at <|im_end|>. The reply gets at
-    most half the context; a conversation too long for the rest is cut by `fit_chat_prompt`."""
-    check_max_new_tokens(max_new_tokens)
-    limit = model.config.max_seq_len
-    prompt = fit_chat_prompt(template, messages, limit, max_new_tokens)
-    max_new_tokens = reply_room(limit, max_new_tokens)
-    return stream_text(model, tokenizer, prompt, max_new_tokens, sampling, (template.end_id, tokenizer.eos_id), on_text)
-
-
 HELP = "commands: /reset (forget the conversation), /system TEXT (set a system prompt), /exit"
 
 
@@ -83,7 +70,7 @@ def tolerate_bad_bytes(stream=None) -> None:
             pass
 
 
-def repl(model, tokenizer, sampling: SamplingConfig, max_new_tokens: int = 256, system: str | None = None,
+def repl(engine, sampling: SamplingConfig, max_new_tokens: int = 256, system: str | None = None,
          read: Callable[[str], str] = input, write: Callable[[str], None] = sys.stdout.write,
          encoding: str | None = None) -> None:
     """Chat on the terminal. `encoding` names what the terminal sends when it is not UTF-8 (e.g.
@@ -93,7 +80,6 @@ def repl(model, tokenizer, sampling: SamplingConfig, max_new_tokens: int = 256, 
         check_encoding(encoding)
     if read is input:
         tolerate_bad_bytes()
-    template = ChatTemplate(tokenizer)
     system = user_text(system, encoding, "--system") if system else system
     history: list[Message] = [Message("system", system)] if system else []
     write(f"babyllama chat ({HELP})\n")
@@ -124,7 +110,6 @@ def repl(model, tokenizer, sampling: SamplingConfig, max_new_tokens: int = 256, 
             continue
         history.append(Message("user", line))
         write("助手> ")
-        reply = chat_reply(model, tokenizer, template, history, max_new_tokens, sampling,
-                           on_text=lambda s: (write(s), sys.stdout.flush()))
+        reply = engine.reply(history, max_new_tokens, sampling, on_text=lambda s: (write(s), sys.stdout.flush()))
         write("\n")
         history.append(Message("assistant", reply))

@@ -1,64 +1,29 @@
-"""Autoregressive generation with a preallocated KV cache, streamed token by token."""
+"""Helpers of generation: streaming text, fitting prompts into the context, loading a model to
+generate with. The generating itself is the Engine's (infer/engine.py)."""
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
-from babyllama.config import ConfigError
-from babyllama.infer.decode import DecodeSession
-from babyllama.infer.sampling import SamplingConfig, check_max_new_tokens, sample_next
+from babyllama.infer.sampling import SamplingConfig, check_max_new_tokens
 
 
-@torch.no_grad()
 def generate_tokens(model, prompt: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig | None = None,
-                    eos_id: int | None = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
-    """Yield the next token ids (batch,) one step at a time.
+                    eos_id: int | None = None, use_cache: bool = True,
+                    compile_step: bool | None = None) -> Iterator[torch.Tensor]:
+    """The tensor form of `Engine.stream` for equal-length prompts: yield the next ids (batch,)
+    one step at a time; a row that has produced `eos_id` yields `eos_id` from then on."""
+    from babyllama.infer.engine import Engine
 
-    prompt: (batch, length) ids, equal lengths, shorter than the context (`fit_prompt` cuts a longer
-    one). Stops at max_new_tokens, when every row has produced `eos_id`, or when the context window
-    is full. `use_cache=False` recomputes the whole prefix each step; it exists to check the cache
-    (both must give the same tokens).
-    """
-    check_max_new_tokens(max_new_tokens)
-    sampling = sampling or SamplingConfig()
-    sampling.validate()  # again: a field may have been changed since it was made
-    model.eval()
-    device = next(model.parameters()).device
-    prompt = prompt.to(device)
-    limit = model.config.max_seq_len
-    if prompt.shape[1] == 0:
-        raise ConfigError("the prompt is empty: generation needs at least one token to start from")
-    if prompt.shape[1] >= limit:
-        raise ConfigError(f"prompt has {prompt.shape[1]} tokens; the model's context is {limit}")
-    max_new_tokens = min(max_new_tokens, limit - prompt.shape[1])
-    generator = None
-    if sampling.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    tokens = prompt
-    finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=device)
-    session = DecodeSession(model, prompt.shape[0], prompt.shape[1] + max_new_tokens) if use_cache else None
-    try:
-        logits = session.prefill(prompt) if session else model(prompt, last_only=True)[:, -1]
-        for _ in range(max_new_tokens):
-            next_ids = sample_next(logits, sampling, context=tokens, generator=generator)
-            if eos_id is not None:
-                next_ids = torch.where(finished, torch.full_like(next_ids, eos_id), next_ids)
-                finished |= next_ids == eos_id
-            yield next_ids
-            if eos_id is not None and bool(finished.all()):
-                return
-            pos = tokens.shape[1]
-            tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
-            if pos + 1 >= prompt.shape[1] + max_new_tokens:
-                return
-            logits = session.step(next_ids, pos) if session else model(tokens, last_only=True)[:, -1]
-    finally:  # also when the caller stops early (a stop token): the cache goes back for the next reply
-        if session:
-            session.close()
+    engine = Engine(model, compile_step=compile_step)
+    fill = eos_id if eos_id is not None else 0
+    for step in engine.stream(prompt.tolist(), max_new_tokens, sampling,
+                              (eos_id,) if eos_id is not None else (), use_cache=use_cache):
+        yield torch.tensor([fill if t is None else t for t in step], device=engine.device)
 
 
 class TextStreamer:
@@ -79,26 +44,6 @@ class TextStreamer:
         text = self.tokenizer.decode(self.ids)
         new, self.printed = text[self.printed:], len(text)
         return new
-
-
-def stream_text(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None,
-                stop_ids: tuple[int, ...] = (), on_text: Callable[[str], None] | None = None) -> str:
-    """Generate after `prompt_ids` until a stop id (not included); stream whole characters to on_text."""
-    check_max_new_tokens(max_new_tokens)
-    streamer = TextStreamer(tokenizer)
-    pieces = []
-    eos = stop_ids[0] if stop_ids else None
-    for next_ids in generate_tokens(model, torch.tensor([prompt_ids]), max_new_tokens, sampling, eos_id=eos):
-        tid = int(next_ids[0])
-        if tid in stop_ids:
-            break
-        pieces.append(streamer.push(tid))
-        if on_text and pieces[-1]:
-            on_text(pieces[-1])
-    pieces.append(streamer.flush())
-    if on_text and pieces[-1]:
-        on_text(pieces[-1])
-    return "".join(pieces)
 
 
 def reply_room(max_seq_len: int, max_new_tokens: int) -> int:
@@ -126,23 +71,11 @@ def fit_prompt(ids: list[int], limit: int, max_new_tokens: int, keep_first: int 
     return kept
 
 
-def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 200, sampling: SamplingConfig | None = None,
-                  on_text: Callable[[str], None] | None = None, stop_at_eos: bool = True) -> str:
-    """Continue `prompt`. The prompt is preceded by EOS, the document boundary the model saw in
-    pretraining, so it reads as the start of a new document. A prompt too long for the context,
-    with room for the reply (see `reply_room`), loses its earliest tokens with a warning."""
-    check_max_new_tokens(max_new_tokens)
-    ids = fit_prompt([tokenizer.eos_id] + tokenizer.encode(prompt), model.config.max_seq_len, max_new_tokens,
-                     keep_first=1)
-    return stream_text(model, tokenizer, ids, max_new_tokens, sampling,
-                       (tokenizer.eos_id,) if stop_at_eos else (), on_text)
-
-
 def load_for_inference(path: str | Path, device: str = "auto", for_decoding: bool = True,
-                       compile_step: bool | None = None, allow_unverified: bool = False, dtype: str = "float32"):
+                       allow_unverified: bool = False, dtype: str = "float32"):
     """(model, tokenizer, checkpoint dir) from a run directory or a checkpoint directory.
     `for_decoding` lays the weights out for fast generation (infer/decode.py); pass False to get
-    the plain, trainable model. `compile_step`: see `prepare_for_decoding` (None: by model size).
+    the plain, trainable model (`Engine.load` is the usual way in for generating).
     `allow_unverified` accepts a checkpoint without checksums.json (one not written by babyllama).
     `dtype`: the weights' precision (float32, bfloat16, float16, or auto: see `runtime.inference_dtype`)."""
     from babyllama.checkpoint import load_model
@@ -154,7 +87,7 @@ def load_for_inference(path: str | Path, device: str = "auto", for_decoding: boo
     model, ckpt = load_model(path, device, allow_unverified=allow_unverified)
     model.to(inference_dtype(dtype, device))
     if for_decoding:
-        prepare_for_decoding(model, compile_step=compile_step)
+        prepare_for_decoding(model)
     for candidate in (ckpt / "tokenizer", ckpt.parent.parent / "tokenizer", Path(path) / "tokenizer"):
         if candidate.is_dir():
             return model, load_tokenizer(candidate), ckpt

@@ -63,6 +63,13 @@ def apply_repetition_penalty(logits: torch.Tensor, context: torch.Tensor, penalt
     return logits.scatter(1, context, seen)
 
 
+def penalize_seen(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """`apply_repetition_penalty` for a batch whose rows each keep a (vocab,) mask of the tokens
+    seen so far and their own penalty (batch,): the same numbers, without re-reading the context."""
+    p = penalty[:, None].to(logits.dtype)
+    return torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
+
+
 def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
     if k <= 0 or k >= logits.shape[-1]:
         return logits

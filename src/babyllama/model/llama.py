@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from babyllama.config import ModelConfig
 from babyllama.model.kv_cache import KVCache
-from babyllama.model.loss import linear_cross_entropy
+from babyllama.model.loss import IGNORE_INDEX, linear_cross_entropy
 from babyllama.model.rope import apply_rope, rope_cos_sin
 
 
@@ -115,7 +115,11 @@ class Llama(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # the LM head is a module like every projection, so transformations (decoding layout, LoRA,
+        # quantization) can wrap it; tied, it shares the embedding's Parameter (checkpoints store it once)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
         cos, sin = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -132,22 +136,24 @@ class Llama(nn.Module):
             else:
                 nn.init.normal_(p, mean=0.0, std=std)
 
-    @property
-    def output_weight(self) -> torch.Tensor:
-        return self.tok_embeddings.weight if self.output is None else self.output.weight
-
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None, start_pos: int | torch.Tensor = 0, last_only: bool = False,
-                segments: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (batch, seq) -> logits (batch, seq, vocab), or the summed loss when targets are given.
+                segments: torch.Tensor | None = None, reduction: str = "sum") -> torch.Tensor:
+        """tokens (batch, seq) -> logits (batch, seq, vocab), or the loss of `targets` when given.
 
-        With `targets` (same shape, -100 where no loss is wanted) the return value is the *sum* of
-        token losses; the caller divides by the number of counted tokens. `last_only` returns logits
-        for the final position only (generation needs nothing else).
+        With `targets` (same shape, -100 where no loss is wanted) the LM head and the cross-entropy
+        run fused, a chunk of rows at a time, so full logits never exist (model/loss.py). `reduction`
+        "sum" returns the *sum* of token losses (the caller divides by the number of counted
+        tokens); "none" returns each token's loss, -log p(target), as (batch, seq) float32 with 0
+        where the target is -100: per-sequence log-probs for preference and RL objectives.
+        `last_only` returns logits for the final position only (generation needs nothing else).
 
         `segments` (batch, seq) packs several documents into one row: a token attends only to
         earlier tokens of its own segment, and positions restart at 0 with each segment, so a
         packed document is computed exactly as if it were alone.
+
+        A `cache` may hold rows of unequal length, left-padded (`KVCache.pad`): each row's positions
+        then start at its first real token and padding is never attended to.
         """
         T = tokens.shape[1]
         if not isinstance(start_pos, torch.Tensor) and start_pos + T > self.config.max_seq_len:
@@ -157,6 +163,9 @@ class Llama(nn.Module):
             if cache is not None:
                 raise ValueError("segments (packed sequences) are for training, not for cached generation")
             positions, mask = segment_positions_and_mask(segments)
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+        elif cache is not None and cache.pad is not None:  # left-padded rows: positions per row
+            positions = cache.positions(start_pos, T)
             cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
         elif isinstance(start_pos, torch.Tensor):  # a compiled decode step: positions as data, not shapes
             positions = start_pos + torch.arange(T, device=tokens.device)
@@ -169,14 +178,20 @@ class Llama(nn.Module):
             x = layer(x, cos, sin, cache, i, start_pos, mask)
         x = self.norm(x)
         if targets is not None:
-            return linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.output_weight, targets.reshape(-1))
+            return self._head_loss(x, targets, reduction)
         if last_only:
             x = x[:, -1:, :]
-        return self.logits(x)
+        return self.output(x)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The LM head (tied to the embedding or not)."""
-        return F.linear(x, self.output_weight)
+    def _head_loss(self, x: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+        if reduction not in ("sum", "none"):
+            raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
+        rows, flat = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+        if type(self.output) is nn.Linear:  # a plain head: fused with the loss, no full logits
+            loss = linear_cross_entropy(rows, self.output.weight, flat, reduction=reduction)
+        else:  # a transformed head (adapter, quantized): its own forward, full logits
+            loss = F.cross_entropy(self.output(rows).float(), flat, ignore_index=IGNORE_INDEX, reduction=reduction)
+        return loss if reduction == "sum" else loss.view(targets.shape)
 
     def new_cache(self, batch_size: int, max_seq_len: int | None = None) -> KVCache:
         cfg, w = self.config, self.tok_embeddings.weight

@@ -16,10 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from babyllama.config import IGNORE_INDEX
 from babyllama.tokenizer import IM_END, IM_START, Tokenizer, TokenizerError
 
 ROLES = ("system", "user", "assistant")
-IGNORE = -100
+IGNORE = IGNORE_INDEX  # the name this module and the tests use
 
 
 @dataclass(frozen=True)

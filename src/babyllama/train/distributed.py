@@ -137,12 +137,13 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
 
 
 def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, weights: dict,
-                    optim: dict | None) -> None:
-    """Inverse of `full_state`, whatever the number of ranks that saved it (every rank loads)."""
+                    optim: dict | None, partial: bool = False) -> None:
+    """Inverse of `full_state`, whatever the number of ranks that saved it (every rank loads).
+    `partial`: `weights` are only the trained ones (an adapter's); the rest stay as they are."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
-    opts = StateDictOptions(full_state_dict=True)
+    opts = StateDictOptions(full_state_dict=True, strict=not partial)
     set_model_state_dict(model, weights, options=opts)
     if optimizer is not None and optim is not None:
         if all(isinstance(k, int) for k in optim.get("state", {})):  # checkpoints from before v0.2

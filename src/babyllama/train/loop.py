@@ -1,10 +1,11 @@
-"""The one training loop, shared by every stage (pretraining now; SFT, LoRA, DPO wrap it later).
+"""The one training loop, shared by every stage (pretraining, SFT; LoRA, DPO, ... wrap it too).
 
-A stage hands it a model, a `TrainConfig`, a batch source (anything with `next_batch()`,
-`state_dict()` and `load_state_dict()`, yielding (tokens, targets) with -100 where no loss is
-wanted, or (tokens, targets, segments) for packed rows) and optional validation batches. The loop owns precision, the optimizer and schedule,
-gradient accumulation, clipping, evaluation, metrics, checkpoints, exact resume, the NaN guard
-and a clean stop on Ctrl-C.
+A stage hands it a model, a `TrainConfig`, an objective (train/objectives.py: what a batch's loss is
+and what it is normalised by; next-token prediction unless told), a batch source (anything with
+`next_batch()`, `state_dict()` and `load_state_dict()`, yielding the tuples of tensors the objective
+takes, e.g. (tokens, targets) with -100 where no loss is wanted) and optional validation batches.
+The loop owns precision, the optimizer and schedule, gradient accumulation, clipping, evaluation,
+metrics, checkpoints, exact resume, the NaN guard and a clean stop on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -21,12 +22,27 @@ from typing import Any, Callable, Protocol
 import torch
 
 from babyllama.config import ConfigError, ModelConfig, TrainConfig
-from babyllama.model.loss import IGNORE_INDEX
 import babyllama.checkpoint as ckpt_io
+from babyllama.transforms import applied, trains_own_params
 from babyllama.train.distributed import distributed_env, full_state, gradient_sync, load_full_state, rank_device, wrap_model
+from babyllama.train.objectives import NextToken, Objective
 from babyllama.train.optim import build_optimizer, lr_at, param_groups
 from babyllama.train.rundir import trim_metrics
 from babyllama.runtime import autocast_context, peak_flops, pick_device, pick_dtype, tune_cpu_allocator
+
+
+# what a training record holds besides the objective's metrics
+RESERVED_METRICS = frozenset({"step", "loss", "lr", "grad_norm", "tokens", "tok_s", "time", "mfu"})
+
+
+def _rounded(value: float) -> float:
+    return float(f"{value:.6g}")  # 6 significant digits: metrics may be small (a KL of 1e-4)
+
+
+def _metric_name(key: str) -> str:
+    if key in RESERVED_METRICS:
+        raise ValueError(f"the objective's metric {key!r} would overwrite the loop's own; rename it")
+    return key
 
 
 class BatchSource(Protocol):
@@ -91,8 +107,10 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig, cfg: TrainConfig,
                  batches: BatchSource, out_dir: str | Path, val_batches: list | None = None,
                  run_config: dict | None = None, progress: bool = True,
-                 on_eval: Callable[[int, float], None] | None = None):
+                 on_eval: Callable[[int, float], None] | None = None, objective: Objective | None = None,
+                 base_checkpoint: str | Path | None = None):
         self.cfg, self.model_config = cfg, model_config
+        self.objective = objective if objective is not None else NextToken()
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         device = pick_device(cfg.device)
@@ -102,6 +120,10 @@ class Trainer:
         if self.device.type == "cpu":
             tune_cpu_allocator()
         self.model = model.to(self.device)
+        if trains_own_params(model) and base_checkpoint is None:
+            raise ValueError("an adapter's checkpoints hold only its own parameters: give the Trainer the "
+                             "base_checkpoint they complete")
+        self.base_checkpoint = base_checkpoint
         self.ds = None  # a DeepSpeedRun when --deepspeed is given
         if cfg.deepspeed:
             from babyllama.train.deepspeed_backend import DeepSpeedRun
@@ -120,8 +142,10 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.last_checkpoint: Path | None = None
+        self.last_metrics: dict[str, float] = {}  # the objective's metrics of the last step, per count
         # the LM head runs only where a target is counted (model/loss.py), so FLOPs are counted
-        # as body x all tokens + head x counted targets: honest MFU for SFT's short answers too
+        # as body x all tokens + head x the step's count: honest MFU for SFT's short answers too.
+        # Exact for next-token objectives (count = counted targets); others count something else
         self.head_flops = 6 * model_config.vocab_size * model_config.dim
         self.body_flops = model_config.flops_per_token() - self.head_flops
         self.flops_done = 0.0
@@ -147,11 +171,15 @@ class Trainer:
             weights, optim, extra = self.ds.full_weights(), None, {"deepspeed": shards}
         else:
             weights, optim = full_state(self.model, self.optimizer)
+        base = None
+        if trains_own_params(self.model):  # an adapter: its parameters, and where the rest comes from
+            weights, base = ckpt_io.trained_state(self.model, weights), str(self.base_checkpoint)
         state = self.state()
         self.env.barrier()
         if self.env.is_main:
             ckpt_io.save_checkpoint(self.out, self.step, weights, self.model_config, optim, state,
-                                    self.run_config, keep=self.cfg.keep_ckpts, extra_dirs=extra)
+                                    self.run_config, keep=self.cfg.keep_ckpts, extra_dirs=extra,
+                                    transforms=applied(self.model), base=base)
         self.env.barrier()
         self.last_checkpoint = path
         return path
@@ -181,7 +209,8 @@ class Trainer:
             raise ckpt_io.CheckpointError(f"{ckpt}: has weights but no optimizer/trainer state; it cannot be resumed "
                                           f"(start a new run from it with --init instead)")
         else:
-            load_full_state(self.model, self.optimizer, ckpt_io.load_state_file(ckpt), opt_state)
+            load_full_state(self.model, self.optimizer, ckpt_io.load_state_file(ckpt), opt_state,
+                            partial=trains_own_params(self.model))
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.batches.load_state_dict(state["data"])
         ranks = state.get("rng_ranks") or [{"cpu": state["rng_cpu"]}]
@@ -202,34 +231,40 @@ class Trainer:
     # --- one optimizer step ---------------------------------------------------------------------------
 
     def train_step(self) -> tuple[float, float]:
-        """Accumulate `grad_accum` micro-batches, clip, step. Returns (mean token loss, grad norm)."""
-        cfg = self.cfg
+        """Accumulate `grad_accum` micro-batches, clip, step. Returns (loss per count, grad norm);
+        the objective's metrics of the step are left in `last_metrics`."""
+        cfg, objective = self.cfg, self.objective
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, cfg)
         micro = [self.batches.next_batch() for _ in range(cfg.grad_accum)]
-        # normalise by the counted (non -100) targets of the whole step on all ranks, so
-        # accumulation and data parallelism equal one large batch even when SFT masks differ;
-        # DDP/FSDP average gradients over ranks, hence the factor world_size
-        counts = torch.tensor([float(sum(int((batch[1] != IGNORE_INDEX).sum()) for batch in micro))])
-        n_tokens = float(self.env.all_sum(counts.to(self.device)).item())
-        if n_tokens == 0:
-            raise ValueError(f"step {self.step}: no target tokens in the batch (everything is masked)")
-        scale = self.env.world_size / n_tokens
-        total = torch.zeros((), device=self.device)
-        self.flops_done += (sum(batch[0].numel() for batch in micro) * self.env.world_size * self.body_flops
-                            + n_tokens * self.head_flops)
+        # normalise by the objective's count (counted targets for next-token objectives) of the
+        # whole step on all ranks, so accumulation and data parallelism equal one large batch even
+        # when SFT masks differ; DDP/FSDP average gradients over ranks, hence the factor world_size
+        counts = torch.tensor([float(sum(objective.count(batch) for batch in micro))])
+        n_counted = float(self.env.all_sum(counts.to(self.device)).item())
+        if n_counted == 0:
+            raise ValueError(f"step {self.step}: the {objective.name} objective counts nothing in the batch "
+                             f"(no target tokens: everything is masked)")
+        scale = self.env.world_size / n_counted
+        step_tokens = sum(objective.tokens(batch) for batch in micro) * self.env.world_size
+        self.flops_done += step_tokens * self.body_flops + n_counted * self.head_flops
         if self.ds:
-            return self._deepspeed_step(micro, scale)
+            return self._deepspeed_step(micro, scale, n_counted, step_tokens)
+        total = torch.zeros((), device=self.device)
+        metrics: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(micro):
+            batch = self._on_device(batch)
             with gradient_sync(self.train_model, sync=i == len(micro) - 1):
                 with autocast_context(self.device, self.dtype):
-                    loss = self._loss_sum(self.train_model, batch) * scale
+                    loss, batch_metrics = objective.loss(self.train_model, batch)
+                    loss = loss * scale
                 self.scaler.scale(loss).backward()
             total += loss.detach()
-        total = self.env.all_sum(total) / self.env.world_size
+            self._add_metrics(metrics, batch_metrics)
+        loss_value = self._reduce_step(total, metrics, n_counted)
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        loss_value, norm_value = float(total), float(norm)
+        norm_value = float(norm)
         if not math.isfinite(loss_value) or (not math.isfinite(norm_value) and self.dtype != torch.float16):
             self.optimizer.zero_grad(set_to_none=True)
             self._diverged("loss" if not math.isfinite(loss_value) else "gradient norm",
@@ -238,7 +273,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens_seen += sum(batch[0].numel() for batch in micro) * self.env.world_size
+        self.tokens_seen += step_tokens
         return loss_value, norm_value
 
     def _diverged(self, what: str, value: float, updated: bool = False):
@@ -247,43 +282,74 @@ class Trainer:
                                f"{'after' if updated else 'without'} updating the weights ({where}). Lower train.lr "
                                f"or raise train.warmup_steps, then resume.")
 
-    def _deepspeed_step(self, micro, scale: float) -> tuple[float, float]:
+    def _deepspeed_step(self, micro, scale: float, n_counted: float, step_tokens: int) -> tuple[float, float]:
         """The same step through DeepSpeed: it reduces, clips and steps at the last micro-batch."""
-        losses = []
+        total = torch.zeros((), device=self.device)
+        metrics: dict[str, torch.Tensor] = {}
         for batch in micro:
-            loss = self._loss_sum(self.train_model, batch) * scale
-            losses.append(loss.detach())
-            if not math.isfinite(float(losses[-1])):  # checked before DeepSpeed can apply it
-                self._diverged("loss", float(losses[-1]))
+            loss, batch_metrics = self.objective.loss(self.train_model, self._on_device(batch))
+            loss = loss * scale
+            if not math.isfinite(float(loss)):  # checked before DeepSpeed can apply it
+                self._diverged("loss", float(loss))
             self.ds.backward_and_step(loss)
-        loss_value = float(self.env.all_sum(torch.stack(losses).sum()) / self.env.world_size)
+            total += loss.detach()
+            self._add_metrics(metrics, batch_metrics)
+        loss_value = self._reduce_step(total, metrics, n_counted)
         norm_value = self.ds.grad_norm()
         if not math.isfinite(norm_value) and self.dtype != torch.float16 and not math.isnan(norm_value):
             self._diverged("gradient norm", norm_value, updated=True)
         self.step += 1
-        self.tokens_seen += sum(batch[0].numel() for batch in micro) * self.env.world_size
+        self.tokens_seen += step_tokens
         return loss_value, norm_value
 
-    def _loss_sum(self, model, batch) -> torch.Tensor:
-        """Summed token loss of one (tokens, targets[, segments]) batch."""
-        x, y, *segments = (t.to(self.device, non_blocking=True) for t in batch)
-        return model(x, y, segments=segments[0]) if segments else model(x, y)
+    def _on_device(self, batch) -> tuple[torch.Tensor, ...]:
+        return tuple(t.to(self.device, non_blocking=True) for t in batch)
+
+    @staticmethod
+    def _add_metrics(sums: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]) -> None:
+        """Sum a micro-batch's metrics into the step's, on the device (no sync per micro-batch)."""
+        for key, value in metrics.items():
+            value = value.detach().float()
+            if key in sums:
+                sums[key] = sums[key] + value
+            else:
+                sums[_metric_name(key)] = value
+
+    def _reduce_step(self, total: torch.Tensor, metrics: dict[str, torch.Tensor], n_counted: float) -> float:
+        """One all-reduce for the step's loss and metrics (every rank has the same metric names):
+        the loss per count, and `last_metrics`, each metric summed over ranks divided by the count."""
+        keys = sorted(metrics)
+        sums = self.env.all_sum(torch.stack([total, *(metrics[k].reshape(()).to(total.device) for k in keys)])).tolist()
+        self.last_metrics = {k: v / n_counted for k, v in zip(keys, sums[1:])}
+        return sums[0] / self.env.world_size
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        """The validation loss per count (nan without validation batches)."""
+        return self.evaluate_metrics()["loss"]
+
+    @torch.no_grad()
+    def evaluate_metrics(self) -> dict[str, float]:
+        """{"loss": ..., **the objective's metrics} over the validation batches, each per count."""
         if not self.val_batches:
-            return float("nan")
+            return {"loss": float("nan")}
         self.model.eval()
-        sums = torch.zeros(2, dtype=torch.float64)  # loss, counted tokens
+        loss_sum, count, metrics = 0.0, 0.0, {}
         for batch in self.val_batches:
             # the same validation set at any world size: each rank takes its rows of every batch
-            batch = [t[self.env.rank::self.env.world_size] for t in batch]
+            batch = tuple(t[self.env.rank::self.env.world_size] for t in batch)
+            count += self.objective.count(batch)
             with autocast_context(self.device, self.dtype):
-                sums[0] += float(self._loss_sum(self.model, batch))
-            sums[1] += int((batch[1] != IGNORE_INDEX).sum())
+                loss, batch_metrics = self.objective.loss(self.model, self._on_device(batch))
+            loss_sum += float(loss)
+            for key, value in batch_metrics.items():
+                metrics[_metric_name(key)] = metrics.get(key, 0.0) + float(value)
         self.model.train()
-        total, count = self.env.all_sum(sums.to(self.device)).tolist()
-        return total / max(count, 1)
+        keys = sorted(metrics)
+        sums = torch.tensor([loss_sum, count, *(metrics[k] for k in keys)], dtype=torch.float64)
+        total, count, *values = self.env.all_sum(sums.to(self.device)).tolist()
+        count = max(count, 1)
+        return {"loss": total / count, **{k: v / count for k, v in zip(keys, values)}}
 
     # --- the loop -------------------------------------------------------------------------------------
 
@@ -318,8 +384,10 @@ class Trainer:
                         elapsed = time.perf_counter() - window_t
                         tok_s = window_tokens / max(elapsed, 1e-9)
                         mfu = (self.flops_done - window_flops) / max(elapsed, 1e-9) / peak if peak else None
-                        record = {"step": self.step, "loss": round(loss, 5), "lr": lr_at(self.step - 1, cfg),
-                                  "grad_norm": round(norm, 4), "tokens": self.tokens_seen, "tok_s": round(tok_s, 1),
+                        record = {"step": self.step, "loss": round(loss, 5),
+                                  **{k: _rounded(v) for k, v in self.last_metrics.items()},
+                                  "lr": lr_at(self.step - 1, cfg), "grad_norm": round(norm, 4),
+                                  "tokens": self.tokens_seen, "tok_s": round(tok_s, 1),
                                   "time": round(time.perf_counter() - started, 2)}
                         if mfu is not None:
                             record["mfu"] = round(mfu, 4)
@@ -351,10 +419,12 @@ class Trainer:
                 "seconds": time.perf_counter() - started}
 
     def _log_eval(self, log: MetricsLog, history: dict, bar) -> None:
-        val = self.evaluate()
+        results = self.evaluate_metrics()
+        val = results.pop("loss")
         history["val"].append((self.step, val))
         if log:
-            log.write({"step": self.step, "val_loss": round(val, 5), "tokens": self.tokens_seen})
+            log.write({"step": self.step, "val_loss": round(val, 5),
+                       **{f"val_{k}": _rounded(v) for k, v in results.items()}, "tokens": self.tokens_seen})
         if self.progress and self.env.is_main:
             bar.write(f"step {self.step:>6}  val loss {val:.4f}")
         if self.on_eval:

@@ -12,9 +12,8 @@ from babyllama.data.loader import PretrainBatches, validation_batches
 from babyllama.data.pretrain import dataset_fingerprint, load_manifest
 from babyllama.corpus.readers import DataError
 import babyllama.checkpoint as ckpt_io
-from babyllama.train.loop import Trainer
-from babyllama.outputs import write_text_atomic
-from babyllama.train.rundir import check_resume_matches, open_run_dir, write_run_info
+from babyllama.train.objectives import NextToken
+from babyllama.train.stage import StageParts, StageRun, run_stage
 
 
 @dataclass
@@ -53,29 +52,19 @@ def fit_vocab(cfg: RunConfig, tok) -> None:
 
 
 def pretrain(job: PretrainJob) -> dict:
-    from babyllama.train.distributed import distributed_env
-    from babyllama.runtime import pick_device
-
     cfg = job.config
-    data_dir, out = Path(job.data), Path(job.out)
-    manifest = load_manifest(data_dir)
+    data_dir = Path(job.data)
+    manifest = load_manifest(data_dir)  # the data and the tokenizer are checked before `out` is touched
     tok = check_tokenizer(data_dir, manifest, job.tokenizer)
     fit_vocab(cfg, tok)
-    env = distributed_env(pick_device(cfg.train.device).type)
-    run = open_run_dir(out, job.resume, job.overwrite, [data_dir, job.init, job.tokenizer], writer=env.is_main)
-    try:
-        return _pretrain(job, cfg, manifest, tok, env, data_dir, out)
-    finally:
-        run.close()
+    run = StageRun.from_job(job, stage="pretrain", train=cfg.train, inputs=[data_dir, job.init, job.tokenizer],
+                            retry_hint=f"or start a new run from its weights: --init {job.out}")
+    return run_stage(run, lambda env: _build(job, cfg, manifest, tok, env, data_dir))
 
 
-def _pretrain(job: PretrainJob, cfg: RunConfig, manifest: dict, tok, env, data_dir: Path, out: Path) -> dict:
+def _build(job: PretrainJob, cfg: RunConfig, manifest: dict, tok, env, data_dir: Path) -> StageParts:
     from babyllama.model import Llama
 
-    data = {"path": str(data_dir), "fingerprint": dataset_fingerprint(manifest)}
-    if job.resume and env.is_main:
-        check_resume_matches(out, "pretrain", data, tok.fingerprint,
-                             f"or start a new run from its weights: --init {out}")
     torch.manual_seed(cfg.train.seed)
     model = Llama(cfg.model)
     if job.init:
@@ -89,29 +78,14 @@ def _pretrain(job: PretrainJob, cfg: RunConfig, manifest: dict, tok, env, data_d
     val = validation_batches(data_dir, seq, cfg.train.batch_size * env.world_size, cfg.train.eval_batches,
                              vocab_limit=cfg.model.vocab_size)
 
-    if env.is_main and not job.resume:  # what a resume must match, written before anything else of the run
-        write_run_info(out, "pretrain", data, tok.fingerprint, init=job.init)
-        tok.save(out / "tokenizer")
-    trainer = Trainer(model, cfg.model, cfg.train, batches, out, val_batches=val,
-                      run_config=cfg.to_dict(), progress=job.progress and env.is_main)
-    if job.resume:
-        trainer.resume(allow_unverified=job.allow_unverified)
-    if env.is_main:  # after a resume was accepted: a refused one changes nothing
-        write_text_atomic(out / "run_config.toml", cfg.to_toml())
-    if job.progress and env.is_main:
-        n = cfg.model.num_params()
-        print(f"model: {n / 1e6:.2f}M parameters, {cfg.model.n_layers} layers, dim {cfg.model.dim}, "
-              f"vocab {cfg.model.vocab_size}; device {trainer.device}, {str(trainer.dtype).replace('torch.', '')}; "
-              f"{batches.windows.num_windows:,} training windows of {seq} tokens"
-              + (f"; {env.world_size} processes ({'deepspeed' if cfg.train.deepspeed else cfg.train.parallel})"
-                 if env.enabled else ""))
-    summary = trainer.fit(job.stop_at_step)
-    if not env.is_main:
-        return summary
-    try:
-        from babyllama.train.plot import plot_loss
+    def describe(trainer) -> str:
+        return (f"model: {cfg.model.num_params() / 1e6:.2f}M parameters, {cfg.model.n_layers} layers, "
+                f"dim {cfg.model.dim}, vocab {cfg.model.vocab_size}; device {trainer.device}, "
+                f"{str(trainer.dtype).replace('torch.', '')}; {batches.windows.num_windows:,} training windows of "
+                f"{seq} tokens"
+                + (f"; {env.world_size} processes ({'deepspeed' if cfg.train.deepspeed else cfg.train.parallel})"
+                   if env.enabled else ""))
 
-        summary["plot"] = str(plot_loss(out / "metrics.jsonl", out / "loss.png"))
-    except Exception as e:  # a missing plot must not fail a finished run
-        print(f"could not draw the loss curve: {e}")
-    return summary
+    return StageParts(model, NextToken(), batches, val,
+                      data={"path": str(data_dir), "fingerprint": dataset_fingerprint(manifest)}, tokenizer=tok,
+                      config=cfg, run_info={"init": job.init}, describe=describe)

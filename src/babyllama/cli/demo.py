@@ -1,0 +1,33 @@
+"""`babyllama demo`: the whole pipeline on the built-in corpus (what `make demo` runs)."""
+
+from __future__ import annotations
+
+from babyllama.cli.flags import Default
+
+
+def _demo_config() -> type:
+    from babyllama.demo import DemoConfig
+
+    return DemoConfig
+
+
+def cmd_demo(args) -> None:
+    from babyllama.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=args.out, minutes=args.minutes, sft_minutes=args.sft_minutes, fresh=args.fresh,
+                        vocab_size=args.vocab_size, workers=args.workers))
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("demo", help="tokenizer -> data -> pretraining -> SFT -> accuracy and chat, on the built-in corpus")
+    p.add_argument("--out", default=Default(_demo_config, "out"), help="demo directory (default %(default)s)")
+    p.add_argument("--minutes", type=float, default=Default(_demo_config, "minutes"),
+                   help="pretraining time budget (default %(default)s)")
+    p.add_argument("--sft-minutes", type=float, default=Default(_demo_config, "sft_minutes"),
+                   help="fine-tuning budget (default %(default)s); the from-scratch comparison takes the same steps")
+    p.add_argument("--vocab-size", type=int, default=Default(_demo_config, "vocab_size"),
+                   help="tokenizer vocabulary (default %(default)s)")
+    p.add_argument("--workers", type=int, default=Default(_demo_config, "workers"),
+                   help="processes preparing the data (default %(default)s)")
+    p.add_argument("--fresh", action="store_true", help="start over instead of reusing finished steps")
+    p.set_defaults(func=cmd_demo)
