@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from babyllama.config import ConfigError
-from babyllama.infer.decode import compiler_available, prepare_for_decoding
+from babyllama.infer.decode import DecodeLinear, _pack, compiler_available, prepare_for_decoding
 from babyllama.infer.engine import Engine
 from babyllama.infer.sampling import SamplingConfig, sample_next
 from babyllama.model import Llama
@@ -78,7 +78,16 @@ def test_a_ragged_batch_on_the_compiled_fast_path():
     engine = Engine(prepare_for_decoding(copy.deepcopy(model)), compile_step=True)
     prompts = _prompts([4, 11, 7], seed=1)
     assert engine.generate(prompts, 20, GREEDY) == [reference(model, p, 20, GREEDY) for p in prompts]
+    if _pack(torch.zeros(4, 4)) is not None:  # torch with oneDNN: batches ran on its reordered weights
+        assert all(m.packed is not None for m in engine.model.modules() if isinstance(m, DecodeLinear))
     assert engine.generate(prompts[:1], 20, GREEDY)[0] == reference(model, prompts[0], 20, GREEDY)
+
+
+def test_a_ragged_batch_on_the_eager_decoding_layout():
+    model = _model()
+    engine = Engine(prepare_for_decoding(copy.deepcopy(model), compiled=False), compile_step=False)
+    prompts = _prompts([6, 2, 13], seed=4)
+    assert engine.generate(prompts, 20, GREEDY) == [reference(model, p, 20, GREEDY) for p in prompts]
 
 
 def test_rows_have_their_own_sampling_stops_and_budgets():

@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from babyllama.config import ConfigError
-from babyllama.infer.decode import DecodeSession, should_compile_step
+from babyllama.infer.decode import DecodeSession, pack_for_batches, should_compile_step
 from babyllama.infer.generate import TextStreamer, fit_prompt, reply_room
 from babyllama.infer.sampling import SamplingConfig, check_max_new_tokens, penalize_seen, sample_next
 
@@ -131,6 +131,8 @@ class Engine:
         penalties = torch.tensor([s.repetition_penalty for s in samplings], device=self.device)
         generators = [torch.Generator(device=self.device).manual_seed(s.seed) if s.seed is not None else None
                       for s in samplings]
+        if rows > 1:
+            pack_for_batches(self.model)  # once: the layout for several rows
         finished = [False] * rows
         produced = [0] * rows
         session = DecodeSession(self.model, rows, longest + steps, self.compile_step, self._caches, pad) \
