@@ -1,1 +1,2 @@
-"""Data: readers for the corpora users bring, pretraining shards, batches (SFT formats come later)."""
+"""Data: pretraining shards, SFT formats and datasets, batch sources, the built-in corpus. Reading
+raw files is corpus/'s job."""
