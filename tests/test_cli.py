@@ -337,3 +337,16 @@ def test_python_dash_m_babyllama_is_the_cli():
     res = subprocess.run([sys.executable, "-m", "babyllama", "pretrain", "--max-steps", "0", "--data", "d",
                           "--out", "o"], capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.startswith("babyllama: error: train.max_steps must be >= 1")
+
+
+def test_the_reply_length_default_is_one_number_everywhere():
+    import inspect
+
+    from babyllama.cli.flags import MAX_NEW_TOKENS
+    from babyllama.infer import sampling
+    from babyllama.infer.chat import repl
+    from babyllama.infer.engine import Engine
+
+    assert MAX_NEW_TOKENS == sampling.MAX_NEW_TOKENS
+    for fn in (Engine.complete, Engine.reply, Engine.generate, repl):
+        assert inspect.signature(fn).parameters["max_new_tokens"].default == MAX_NEW_TOKENS, fn

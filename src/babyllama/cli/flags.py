@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 from typing import Any, Callable
 
-MAX_NEW_TOKENS = 200  # generate and chat: tokens per reply unless --max-new-tokens
+MAX_NEW_TOKENS = 200  # = babyllama.infer.sampling.MAX_NEW_TOKENS (not imported: it loads torch; tested equal)
 
 
 class Default:

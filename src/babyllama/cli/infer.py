@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from babyllama.cli.flags import add_inference_flags
@@ -60,6 +61,8 @@ def cmd_generate(args) -> None:
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
+            if args.seed is not None:  # reproducible, yet not N copies of one sample
+                sampling = dataclasses.replace(sampling, seed=args.seed + i)
         if args.chat:
             engine.reply(msgs, args.max_new_tokens, sampling, on_text=_show)
         else:

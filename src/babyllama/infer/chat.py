@@ -10,7 +10,7 @@ from typing import Callable
 
 from babyllama.config import ConfigError
 from babyllama.infer.generate import prompt_cut_warning, reply_room
-from babyllama.infer.sampling import SamplingConfig, check_max_new_tokens
+from babyllama.infer.sampling import MAX_NEW_TOKENS, SamplingConfig, check_max_new_tokens
 from babyllama.infer.text import check_encoding, user_text
 from babyllama.tokenizer.chat import ChatTemplate, Message
 
@@ -70,7 +70,7 @@ def tolerate_bad_bytes(stream=None) -> None:
             pass
 
 
-def repl(engine, sampling: SamplingConfig, max_new_tokens: int = 256, system: str | None = None,
+def repl(engine, sampling: SamplingConfig, max_new_tokens: int = MAX_NEW_TOKENS, system: str | None = None,
          read: Callable[[str], str] = input, write: Callable[[str], None] = sys.stdout.write,
          encoding: str | None = None) -> None:
     """Chat on the terminal. `encoding` names what the terminal sends when it is not UTF-8 (e.g.

@@ -26,7 +26,7 @@ import torch
 from babyllama.config import ConfigError
 from babyllama.infer.decode import DecodeSession, pack_for_batches, should_compile_step
 from babyllama.infer.generate import TextStreamer, fit_prompt, reply_room
-from babyllama.infer.sampling import SamplingConfig, check_max_new_tokens, penalize_seen, sample_next
+from babyllama.infer.sampling import MAX_NEW_TOKENS, SamplingConfig, check_max_new_tokens, penalize_seen, sample_next
 
 RowText = Callable[[int, str], None]  # (row, newly printable text)
 
@@ -86,7 +86,7 @@ class Engine:
     # --- ids -----------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | list[int] = 200,
+    def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | list[int] = MAX_NEW_TOKENS,
                sampling: SamplingConfig | list[SamplingConfig] | None = None,
                stop_ids: Sequence[int] | list[Sequence[int]] = (), use_cache: bool = True
                ) -> Iterator[list[int | None]]:
@@ -176,7 +176,7 @@ class Engine:
         return torch.cat([sample_next(logits[i:i + 1], s, generator=g)
                           for i, (s, g) in enumerate(zip(samplings, generators))])
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | list[int] = 200,
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | list[int] = MAX_NEW_TOKENS,
                  sampling: SamplingConfig | list[SamplingConfig] | None = None,
                  stop_ids: Sequence[int] | list[Sequence[int]] = ()) -> list[list[int]]:
         """The new ids of each row (a stop id that ended a row is not included)."""
@@ -215,7 +215,7 @@ class Engine:
         tok = self.tokenizer
         return fit_prompt([tok.eos_id] + tok.encode(prompt), self.context, max_new_tokens, keep_first=1)
 
-    def complete(self, prompt: str, max_new_tokens: int = 200, sampling: SamplingConfig | None = None,
+    def complete(self, prompt: str, max_new_tokens: int = MAX_NEW_TOKENS, sampling: SamplingConfig | None = None,
                  on_text: Callable[[str], None] | None = None, stop_at_eos: bool = True) -> str:
         """Continue `prompt` as the start of a new document, streaming whole characters to `on_text`.
         A prompt too long for the context, with room for the reply (`reply_room`), loses its
@@ -223,20 +223,20 @@ class Engine:
         return self.complete_batch([prompt], max_new_tokens, sampling, stop_at_eos=stop_at_eos,
                                    on_text=(lambda row, text: on_text(text)) if on_text else None)[0]
 
-    def complete_batch(self, prompts: list[str], max_new_tokens: int = 200, sampling=None,
+    def complete_batch(self, prompts: list[str], max_new_tokens: int = MAX_NEW_TOKENS, sampling=None,
                        on_text: RowText | None = None, stop_at_eos: bool = True) -> list[str]:
         check_max_new_tokens(max_new_tokens)
         ids = [self._complete_ids(p, max_new_tokens) for p in prompts]
         return self._texts(ids, max_new_tokens, sampling, (self.tokenizer.eos_id,) if stop_at_eos else (), on_text)
 
-    def reply(self, messages, max_new_tokens: int = 256, sampling: SamplingConfig | None = None,
+    def reply(self, messages, max_new_tokens: int = MAX_NEW_TOKENS, sampling: SamplingConfig | None = None,
               on_text: Callable[[str], None] | None = None) -> str:
         """The assistant's next turn after `messages`, stopping at <|im_end|>. The reply gets at most
         half the context; a conversation too long for the rest is cut by `fit_chat_prompt`."""
         return self.reply_batch([messages], max_new_tokens, sampling,
                                 on_text=(lambda row, text: on_text(text)) if on_text else None)[0]
 
-    def reply_batch(self, conversations: list, max_new_tokens: int = 256, sampling=None,
+    def reply_batch(self, conversations: list, max_new_tokens: int = MAX_NEW_TOKENS, sampling=None,
                     on_text: RowText | None = None) -> list[str]:
         from babyllama.infer.chat import fit_chat_prompt
 

@@ -49,6 +49,9 @@ class SamplingConfig:
             raise ConfigError(f"--seed must be an integer in [0, 2**64), got {self.seed!r}")
 
 
+MAX_NEW_TOKENS = 200  # tokens per reply unless asked otherwise: the Engine, chat and the CLI (cli/flags.py)
+
+
 def check_max_new_tokens(max_new_tokens) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be an integer >= 1, got {max_new_tokens!r}")
