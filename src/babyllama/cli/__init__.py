@@ -7,6 +7,7 @@
     babyllama sft             --ckpt DIR --data FILE|DIR... --out DIR [--layout L] [--pack] [--resume]
     babyllama generate        --ckpt DIR --prompt TEXT [--chat] [--device D] [--dtype T]
     babyllama chat            --ckpt DIR [--device D] [--dtype T]
+    babyllama eval ppl        --ckpt DIR --data DIR|FILE... [--lengths 256,512,1024] [--stride S]
     babyllama demo            the whole pipeline on the built-in corpus (what `make demo` runs)
 
 Every stage is also a Python function taking a typed config (see README.md); a flag's default is
@@ -25,10 +26,10 @@ import os
 import sys
 from pathlib import Path
 
-from babyllama.cli import demo, infer, prepare, train
+from babyllama.cli import demo, evaluate, infer, prepare, train
 from babyllama.cli.flags import Args
 
-STAGE_GROUPS = (prepare, train, infer, demo)  # in the order `babyllama --help` lists their stages
+STAGE_GROUPS = (prepare, train, infer, evaluate, demo)  # in the order `babyllama --help` lists their stages
 
 
 class Parser(argparse.ArgumentParser):
