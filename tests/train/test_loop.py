@@ -115,3 +115,30 @@ def test_weight_decay_on_matrices_only(tmp_path):
     decay, no_decay = t.optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
+
+
+def test_the_schedule_follows_a_time_budget_when_the_clock_stops_the_run_first(tmp_path):
+    """A busy machine: the steps planned for the budget do not fit, yet the learning rate has
+    decayed when the time runs out (the cosine follows the larger of steps done and time used)."""
+    import json
+    import time
+
+    cfg = TrainConfig(max_steps=10_000, max_minutes=0.02, batch_size=2, lr=1e-2, min_lr=1e-4, warmup_steps=0,
+                      log_interval=1, eval_interval=10**6, ckpt_interval=10**6, device="cpu", dtype="float32")
+    assert lr_at(5, cfg, 1.0) == cfg.min_lr and lr_at(5, cfg, 0.0) == pytest.approx(cfg.lr, rel=1e-3)
+    assert lr_at(5, cfg, 0.5) == pytest.approx((cfg.lr + cfg.min_lr) / 2)
+
+    class Slow(FixedBatches):  # a machine busy with something else
+        def next_batch(self):
+            time.sleep(0.1)
+            return super().next_batch()
+
+    model = Llama(tiny_model_config(vocab_size=256))
+    summary = Trainer(model, model.config, cfg, Slow(random_batches(4, 2, 16, 256)), tmp_path,
+                      progress=False).fit()
+    assert summary["stopped"] == "max_minutes" and summary["step"] < 100
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "metrics.jsonl").open()) if "lr" in r]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] > 0.9 * cfg.lr
+    assert lrs[-1] < cfg.min_lr + 0.1 * (cfg.lr - cfg.min_lr)  # decayed, though 99% of the steps never ran
+    state = torch.load(next((tmp_path / "checkpoints").glob("step-*")) / "state.pt", weights_only=True)
+    assert state["train_seconds"] >= 0.02 * 60

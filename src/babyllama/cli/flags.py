@@ -127,7 +127,10 @@ def add_config_flags(p: argparse.ArgumentParser, model: bool = True) -> None:
                         "optimizer, clipping and precision are filled in from the babyllama settings")
     g.add_argument("--stop-at-step", type=int, metavar="N",
                    help="pause at step N with a checkpoint (the schedule still runs to --max-steps; --resume continues)")
-    g.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this many minutes")
+    g.add_argument("--max-minutes", type=float,
+                   help="a time budget: stop with a checkpoint after this many minutes of training (over resumes "
+                        "too); the learning-rate decay follows the larger of steps done and time used, so it "
+                        "has decayed when the time runs out")
     g.add_argument("--seed", type=int, help="random seed (train.seed)")
 
 

@@ -149,6 +149,13 @@ class Trainer:
         self.head_flops = 6 * model_config.vocab_size * model_config.dim
         self.body_flops = model_config.flops_per_token() - self.head_flops
         self.flops_done = 0.0
+        # seconds of training so far, over every process life of the run (kept in checkpoints), agreed
+        # by all ranks: with train.max_minutes, the time budget and the schedule's progress read it
+        self.train_seconds = 0.0
+
+    def time_used(self) -> float:
+        """The share of train.max_minutes spent (0 without a time budget)."""
+        return self.train_seconds / (self.cfg.max_minutes * 60) if self.cfg.max_minutes else 0.0
 
     # --- state --------------------------------------------------------------------------------------
 
@@ -157,7 +164,7 @@ class Trainer:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         # the data position is global (every rank walks the same order); RNG is per rank
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.batches.state_dict(),
+        return {"step": self.step, "train_seconds": self.train_seconds, "tokens_seen": self.tokens_seen, "data": self.batches.state_dict(),
                 "rng_ranks": self.env.gather_objects(rng), "scaler": self.scaler.state_dict(),
                 "world_size": self.env.world_size}
 
@@ -212,6 +219,7 @@ class Trainer:
             load_full_state(self.model, self.optimizer, ckpt_io.load_state_file(ckpt), opt_state,
                             partial=trains_own_params(self.model))
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         self.batches.load_state_dict(state["data"])
         ranks = state.get("rng_ranks") or [{"cpu": state["rng_cpu"]}]
         if len(ranks) == self.env.world_size:  # same world size: each rank continues its own stream
@@ -235,7 +243,7 @@ class Trainer:
         the objective's metrics of the step are left in `last_metrics`."""
         cfg, objective = self.cfg, self.objective
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, cfg)
+            group["lr"] = lr_at(self.step, cfg, self.time_used())
         micro = [self.batches.next_batch() for _ in range(cfg.grad_accum)]
         # normalise by the objective's count (counted targets for next-token objectives) of the
         # whole step on all ranks, so accumulation and data parallelism equal one large batch even
@@ -371,6 +379,7 @@ class Trainer:
                    desc="training", unit="step")
         window_t, window_tokens, window_flops = time.perf_counter(), 0, self.flops_done
         stop_reason = "max_steps"
+        clock, seconds_before = time.perf_counter(), self.train_seconds
         try:
             with stop_on_sigint(flag):
                 if self.step == 0 and self.val_batches:
@@ -386,7 +395,7 @@ class Trainer:
                         mfu = (self.flops_done - window_flops) / max(elapsed, 1e-9) / peak if peak else None
                         record = {"step": self.step, "loss": round(loss, 5),
                                   **{k: _rounded(v) for k, v in self.last_metrics.items()},
-                                  "lr": lr_at(self.step - 1, cfg), "grad_norm": round(norm, 4),
+                                  "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": round(norm, 4),
                                   "tokens": self.tokens_seen, "tok_s": round(tok_s, 1),
                                   "time": round(time.perf_counter() - started, 2)}
                         if mfu is not None:
@@ -400,10 +409,15 @@ class Trainer:
                         self._log_eval(log, history, bar)
                     if self.step % cfg.ckpt_interval == 0 and self.step < cfg.max_steps:
                         self.save()
-                    out_of_time = bool(cfg.max_minutes) and time.perf_counter() - started > cfg.max_minutes * 60
-                    # every rank must stop at the same step, or the others wait forever
-                    if self.env.any(bool(flag.get("stop")) or out_of_time, self.device):
-                        stop_reason = "interrupted" if flag.get("stop") else "max_minutes"
+                    # one collective a step: every rank must stop at the same step (or the others wait
+                    # forever) and see the same time used (or their learning rates would differ)
+                    agreed = self.env.all_sum(torch.tensor(
+                        [1.0 if flag.get("stop") else 0.0, seconds_before + time.perf_counter() - clock],
+                        device=self.device)).tolist()  # float32: MPS has no float64
+                    self.train_seconds = agreed[1] / self.env.world_size
+                    out_of_time = bool(cfg.max_minutes) and self.time_used() >= 1.0
+                    if agreed[0] > 0 or out_of_time:
+                        stop_reason = "interrupted" if agreed[0] > 0 else "max_minutes"
                         break
                     if stop_at_step is not None and self.step >= stop_at_step:
                         stop_reason = "paused"
