@@ -110,7 +110,7 @@ def test_the_command_scores_text_at_several_lengths_and_writes_the_run_eval(tiny
                  "--max-tokens", "3000"]) == 0
     out = capsys.readouterr().out
     assert "128*" in out and "past the trained context" in out
-    result = json.loads((run / "eval" / "ppl.json").read_text(encoding="utf-8"))
+    result = json.loads((run / "eval" / "ppl-reviews.json").read_text(encoding="utf-8"))
     rows = {r["length"]: r for r in result["results"]}
     assert set(rows) == {32, 64, 128} and rows[128]["beyond_trained"] and not rows[64]["beyond_trained"]
     assert all(r["tokens"] == result["stream_tokens"] - 1 for r in rows.values())  # the same tokens each time

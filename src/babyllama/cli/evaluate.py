@@ -47,7 +47,7 @@ def add_parsers(sub) -> None:
                          description="Scores the same tokens at every --lengths value with sliding windows "
                                      "(every token but the first\nscored once); lengths past the model's "
                                      "trained context extend its rotary tables (no scaling).\nBits per character "
-                                     "and per byte do not depend on the tokenizer. Results go to RUN/eval/ppl.json\n"
+                                     "and per byte do not depend on the tokenizer. Results go to RUN/eval/ppl-DATA.json\n"
                                      "when --ckpt is a run directory (or to --out).")
     p.add_argument("--ckpt", required=True, help="run directory (newest checkpoint) or checkpoint directory")
     p.add_argument("--data", nargs="+", required=True, metavar="DIR|FILE",
@@ -63,7 +63,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--device", default=Default(_ppl_config, "device"), help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default=Default(_ppl_config, "dtype"), help="float32 (default), bfloat16, float16")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
-    p.add_argument("--out", help="write the results as JSON here (default: RUN/eval/ppl.json for a run directory)")
+    p.add_argument("--out", help="write the results as JSON here (default: RUN/eval/ppl-DATA.json for a run directory)")
     p.add_argument("--allow-unverified", action="store_true",
                    help="load a checkpoint that has no checksums.json (not written by babyllama)")
     add_layout_flag(p, _ppl_config, "of text files: see `babyllama data pretrain --help`")

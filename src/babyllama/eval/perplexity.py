@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +46,7 @@ class PerplexityConfig:
     layout: str = "auto"  # of raw files
     encoding: str = "utf-8"  # of raw files
     allow_unverified: bool = False
-    out: str | None = None  # JSON results; None: RUN/eval/ppl.json when --ckpt is a run directory
+    out: str | None = None  # JSON results; None: RUN/eval/ppl-DATA.json when --ckpt is a run directory
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -183,7 +184,7 @@ def perplexity(cfg: PerplexityConfig) -> dict:
     result = {"checkpoint": str(ckpt), "data": list(cfg.data), "split": cfg.split, "trained_length": trained,
               "stream_tokens": int(len(stream)), "characters": chars, "bytes": n_bytes, "results": rows}
     eval_dir = _run_eval_dir(cfg.ckpt)
-    out = Path(cfg.out) if cfg.out else (eval_dir / "ppl.json" if eval_dir else None)
+    out = Path(cfg.out) if cfg.out else (eval_dir / f"ppl-{_slug(cfg.data)}.json" if eval_dir else None)
     if out is not None:
         from babyllama.outputs import write_text_atomic
 
@@ -191,6 +192,12 @@ def perplexity(cfg: PerplexityConfig) -> dict:
         write_text_atomic(out, json.dumps(result, indent=2, ensure_ascii=False))
         result["written_to"] = str(out)
     return result
+
+
+def _slug(data: list[str]) -> str:
+    """A file name part for what was scored: evaluations of different texts sit side by side."""
+    names = "+".join(Path(spec.split("::")[0]).stem for spec in data)
+    return re.sub(r"[^\w.+-]", "_", names)[:80] or "text"
 
 
 def _run_eval_dir(ckpt: str) -> Path | None:
