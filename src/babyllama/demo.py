@@ -274,6 +274,9 @@ def run_sentiment_sft(cfg: DemoConfig, out: Path, corpus: dict) -> dict:
                 train.max_steps = max(50, int(cfg.sft_minutes * 60 / per_step))
                 train.eval_interval = max(10, train.max_steps // 4)
                 train.ckpt_interval = train.max_steps
+                # a time budget too: on a machine busier than during calibration, the clock stops the
+                # run and the learning rate has still decayed (the schedule follows the time used)
+                train.max_minutes = cfg.sft_minutes * 1.2
                 print(f"{train.max_steps} steps of {train.batch_size} conversations fit the budget")
             label = "from random weights" if scratch else "from the pretrained model"
             print(f"-- fine-tuning {label}")
