@@ -8,8 +8,10 @@ has fewer entries left than a global batch is dropped, and the next epoch's orde
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 
-class ShuffledBatches:
+
+class ShuffledBatches(ABC):
     """Subclasses set `num_items` (what the permutation is drawn over) before calling __init__, and
     define `make_batch(entries)`; they may override `arrange(order, generator)` to turn the shuffled
     item indices into the epoch's order (grouped by length, packed into rows, ...), drawing any further
@@ -49,8 +51,9 @@ class ShuffledBatches:
         self.cursor += self.global_batch
         return share
 
+    @abstractmethod
     def make_batch(self, entries):
-        raise NotImplementedError
+        """The batch (tensors) of this rank's chosen entries."""
 
     def next_batch(self):
         return self.make_batch(self.next_indices())

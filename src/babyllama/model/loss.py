@@ -26,6 +26,15 @@ def _compute_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
     return default
 
 
+def _add_weight_grad(grad_w: torch.Tensor | None, d_logits: torch.Tensor, h_scaled: torch.Tensor) -> torch.Tensor:
+    """grad_w (float32, or None before the first chunk) + d_logits @ h_scaled, one chunk's share."""
+    if grad_w is None:
+        return (d_logits @ h_scaled).float()
+    if d_logits.dtype == torch.float32:
+        return grad_w.addmm_(d_logits, h_scaled)
+    return grad_w.add_((d_logits @ h_scaled).float())  # low-precision matmul, float32 accumulation
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
@@ -64,13 +73,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     if need_h:
                         grad_h[start:start + chunk_rows] = (d_logits.t() @ w) * scale
                     if need_w:
-                        h_scaled = h * scale
-                        if grad_w is None:
-                            grad_w = (d_logits @ h_scaled).float()
-                        elif dtype == torch.float32:
-                            grad_w.addmm_(d_logits, h_scaled)
-                        else:  # low-precision matmul, float32 accumulation across chunks
-                            grad_w += (d_logits @ h_scaled).float()
+                        grad_w = _add_weight_grad(grad_w, d_logits, h * scale)
             if need_w and grad_w is None:  # no rows at all
                 grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         ctx.save_for_backward(grad_h, grad_w)
@@ -139,13 +142,7 @@ class _LinearCrossEntropyRows(torch.autograd.Function):
                 if need_h:
                     grad_h[start:start + chunk_rows] = (d_logits.t() @ w).float() * g
                 if need_w:
-                    h_scaled = (h.float() * g).to(dtype)  # one rounding, not two
-                    if grad_w is None:
-                        grad_w = (d_logits @ h_scaled).float()
-                    elif dtype == torch.float32:
-                        grad_w.addmm_(d_logits, h_scaled)
-                    else:  # low-precision matmul, float32 accumulation across chunks
-                        grad_w += (d_logits @ h_scaled).float()
+                    grad_w = _add_weight_grad(grad_w, d_logits, (h.float() * g).to(dtype))  # one rounding
             if need_w and grad_w is None:  # no rows at all
                 grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         gh = grad_h.to(hidden.dtype) if need_h else None

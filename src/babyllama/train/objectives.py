@@ -27,6 +27,7 @@ an objective over whole sequences (DPO, GRPO) builds its per-sequence log-probab
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Sequence
 
 import torch
@@ -36,19 +37,19 @@ from babyllama.config import IGNORE_INDEX
 Batch = Sequence[torch.Tensor]
 
 
-class Objective:
+class Objective(ABC):
     """The interface the Trainer trains through (see the module docstring). Subclass it, or give any
     object with the same four members."""
 
     name: str = "objective"
 
+    @abstractmethod
     def count(self, batch: Batch) -> float:
         """What this micro-batch adds to the step's normaliser (usually an int: tokens, pairs)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(summed loss, {name: summed metric}) of one micro-batch already on the device."""
-        raise NotImplementedError
 
     def tokens(self, batch: Batch) -> int:
         return batch[0].numel()
