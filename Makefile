@@ -25,6 +25,7 @@ test: setup
 	$(BIN)/python -m pytest
 
 bench: setup
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'  # lm-evaluation-harness, the reference of bench/eval_vs_lmeval.py
 	$(BIN)/python -m bench
 
 clean:

@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--only train|generate|data]`: every benchmark in turn, then one report of all tables.
+"""`python -m bench [--quick] [--only train|generate|data|eval]`: every benchmark in turn, then one report of all tables.
 
 This process only starts the measurements and prints; it never imports torch or a tokenizer, so
 it stays small: a child started from it counts its parent's memory in ru_maxrss (Linux keeps the
@@ -21,7 +21,7 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="fewer repetitions; the training benchmark runs the demo config only")
-    p.add_argument("--only", choices=["train", "generate", "data"], help="run one benchmark")
+    p.add_argument("--only", choices=["train", "generate", "data", "eval"], help="run one benchmark")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the training benchmark")
     args = p.parse_args()
 
@@ -37,10 +37,24 @@ def main() -> None:
     if args.only in (None, "data"):
         log("data preparation")
         tables.append(data_prep.main(quick=args.quick, log=log))
+    if args.only in (None, "eval"):
+        log("multiple choice: ours vs lm-evaluation-harness")
+        tables.append(_in_child("bench.eval_vs_lmeval", "--threads", str(args.threads),
+                                *(["--shots", "0"] if args.quick else [])))
     print(f"## Benchmarks ({platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
           f"torch {version('torch')}, transformers {version('transformers')}, "
           f"{'quick' if args.quick else 'full'} run, {time.perf_counter() - started:.0f} s)\n")
     print("\n\n".join(tables))
+
+
+def _in_child(module: str, *args: str) -> str:
+    """A benchmark that prints its own table, run in a child (this process stays free of torch)."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return f"### {module}: not run\n\n{(proc.stderr or proc.stdout).strip().splitlines()[-1]}"
+    return proc.stdout.strip()
 
 
 if __name__ == "__main__":

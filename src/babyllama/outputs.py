@@ -53,10 +53,12 @@ TOKENIZER = OutputKind("tokenizer", ("tokenizer.model", "tokenizer.json"),
                        ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"))
 RUN = OutputKind("training run", ("run.json", "run_config.toml"),
                  ("run.json", "run_config.toml", "checkpoints", "tokenizer", "metrics.jsonl", "metrics.jsonl.tmp",
-                  "loss.png", "sft_data.json", "tensorboard", "eval", ".lock"))
+                  "loss.png", "sft_data.json", "tensorboard", "eval", "environment.json", "report.md", "report.html",
+                  "report", ".lock"))
 DEMO = OutputKind("demo directory", ("demo.json", "report.json"),
                   ("demo.json", "corpus", "tokenizer", "data", "pretrain", "sft", "sft_scratch", "sft_probe",
-                   "samples.json", "loss.png", "report.json", ".lock", "*.partial", "*.lock"))
+                   "samples.json", "loss.png", "report.json", "report.md", "report.html", "report", "curve",
+                   "learning_curve.json", "learning_curve.png", ".lock", "*.partial", "*.lock"))
 
 
 def _entries(directory: Path) -> list[str]:

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import babyllama.checkpoint as ckpt_io
 from babyllama.cli import main
 from babyllama.config import ConfigError
 from babyllama.eval.perplexity import PerplexityConfig, perplexity, score_stream, windows
@@ -89,18 +88,6 @@ def test_a_memorised_text_scores_near_one_and_a_fresh_model_near_the_vocabulary(
         opt.zero_grad()
     nats, count = score_stream(model.eval(), text, 32, 32)
     assert math.exp(nats / count) < 1.2
-
-
-@pytest.fixture
-def tiny_run(tmp_path, tokenizer, tokenizer_dir):
-    """A run directory as pretraining leaves it: run.json, tokenizer/, a checkpoint."""
-    run = tmp_path / "run"
-    torch.manual_seed(1)
-    model = Llama(tiny_model_config(vocab_size=tokenizer.vocab_size, max_seq_len=64))
-    ckpt_io.save_checkpoint(run, 5, model, model.config)
-    tokenizer.save(run / "tokenizer")
-    (run / "run.json").write_text(json.dumps({"stage": "pretrain"}), encoding="utf-8")
-    return run, model
 
 
 def test_the_command_scores_text_at_several_lengths_and_writes_the_run_eval(tiny_run, tokenizer, corpus_dir, capsys):

@@ -8,6 +8,9 @@
     babyllama generate        --ckpt DIR --prompt TEXT [--chat] [--device D] [--dtype T]
     babyllama chat            --ckpt DIR [--device D] [--dtype T]
     babyllama eval ppl        --ckpt DIR --data DIR|FILE... [--lengths 256,512,1024] [--stride S]
+    babyllama eval mc         --ckpt DIR --data DIR|FILE... [--shots K] [--split val|test|dev] [--score letter|text]
+    babyllama eval gen        --ckpt DIR --data FILE... [--max-new-tokens N] [--max-samples N]
+    babyllama report          RUN [RUN...] [--out DIR] [--title T]
     babyllama demo            the whole pipeline on the built-in corpus (what `make demo` runs)
 
 Every stage is also a Python function taking a typed config (see README.md); a flag's default is
@@ -26,10 +29,10 @@ import os
 import sys
 from pathlib import Path
 
-from babyllama.cli import demo, evaluate, infer, prepare, train
+from babyllama.cli import demo, evaluate, infer, prepare, report, train
 from babyllama.cli.flags import Args
 
-STAGE_GROUPS = (prepare, train, infer, evaluate, demo)  # in the order `babyllama --help` lists their stages
+STAGE_GROUPS = (prepare, train, infer, evaluate, report, demo)  # in the order `babyllama --help` lists their stages
 
 
 class Parser(argparse.ArgumentParser):

@@ -155,19 +155,24 @@ def extend_context(model, length: int) -> None:
     model.config = dataclasses.replace(cfg, max_seq_len=length)
 
 
-def perplexity(cfg: PerplexityConfig) -> dict:
-    """Score the text at every length; returns (and writes, see `out`) the results."""
+def load_for_eval(ckpt: str, device: str = "auto", dtype: str = "float32", allow_unverified: bool = False):
+    """(model in eval mode on the device and dtype, its tokenizer, the checkpoint directory)."""
     from babyllama.checkpoint import load_model
     from babyllama.runtime import inference_dtype, pick_device
     from babyllama.tokenizer import load_tokenizer
 
-    device = pick_device(cfg.device)
-    model, ckpt = load_model(cfg.ckpt, device, allow_unverified=cfg.allow_unverified)
-    model.to(inference_dtype(cfg.dtype, device))
-    tok_dir = next((d for d in (ckpt / "tokenizer", ckpt.parent.parent / "tokenizer") if d.is_dir()), None)
+    where = pick_device(device)
+    model, ckpt_dir = load_model(ckpt, where, allow_unverified=allow_unverified)
+    model.eval().to(inference_dtype(dtype, where))
+    tok_dir = next((d for d in (ckpt_dir / "tokenizer", ckpt_dir.parent.parent / "tokenizer") if d.is_dir()), None)
     if tok_dir is None:
-        raise ConfigError(f"{cfg.ckpt}: no tokenizer/ directory next to the checkpoint")
-    tokenizer = load_tokenizer(tok_dir)
+        raise ConfigError(f"{ckpt}: no tokenizer/ directory next to the checkpoint")
+    return model, load_tokenizer(tok_dir), ckpt_dir
+
+
+def perplexity(cfg: PerplexityConfig) -> dict:
+    """Score the text at every length; returns (and writes, see `out`) the results."""
+    model, tokenizer, ckpt = load_for_eval(cfg.ckpt, cfg.device, cfg.dtype, cfg.allow_unverified)
     stream = token_stream(cfg.data, tokenizer, cfg.split, cfg.max_tokens, cfg.layout, cfg.encoding)
     text = tokenizer.decode(stream[1:].tolist())  # every token but the first is scored, at any length
     chars, n_bytes = max(len(text), 1), max(len(text.encode("utf-8")), 1)
@@ -181,7 +186,7 @@ def perplexity(cfg: PerplexityConfig) -> dict:
         rows.append({"length": length, "stride": stride, "beyond_trained": length > trained, "tokens": count,
                      "loss": nats / count, "perplexity": math.exp(nats / count),
                      "bits_per_char": bits / chars, "bits_per_byte": bits / n_bytes})
-    result = {"checkpoint": str(ckpt), "data": list(cfg.data), "split": cfg.split, "trained_length": trained,
+    result = {"kind": "perplexity", "checkpoint": str(ckpt), "data": list(cfg.data), "split": cfg.split, "trained_length": trained,
               "stream_tokens": int(len(stream)), "characters": chars, "bytes": n_bytes, "results": rows}
     eval_dir = _run_eval_dir(cfg.ckpt)
     out = Path(cfg.out) if cfg.out else (eval_dir / f"ppl-{_slug(cfg.data)}.json" if eval_dir else None)

@@ -16,6 +16,8 @@ does, in this order and the same way for every stage:
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -101,6 +103,7 @@ def _run_stage(run: StageRun, parts: StageParts, env, out: Path) -> dict:
         raise CheckpointError(f"{out}: nothing to resume (no checkpoint yet); start without --resume")
     if env.is_main:  # after a resume was accepted: a refused one changes nothing
         write_text_atomic(out / "run_config.toml", parts.config.to_toml())
+        write_text_atomic(out / "environment.json", json.dumps(run_environment(trainer), indent=2))
         for name, text in parts.files.items():
             write_text_atomic(out / name, text)
     if show and parts.describe is not None:
@@ -116,3 +119,21 @@ def _run_stage(run: StageRun, parts: StageParts, env, out: Path) -> dict:
     except Exception as e:  # a missing plot must not fail a finished run
         print(f"could not draw the loss curve: {e}")
     return summary
+
+
+def run_environment(trainer: Trainer) -> dict:
+    """Where this session trains, for the run report: versions, machine, and what `auto` became.
+    Rewritten by every session (a resumed run may have moved), so it describes the latest one."""
+    import platform
+    import time
+
+    import babyllama
+    from babyllama.machine import cpu_model, gpus
+
+    device = trainer.device
+    return {"started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "babyllama": babyllama.__version__,
+            "python": platform.python_version(), "torch": torch.__version__, "os": platform.platform(),
+            "cpu": cpu_model(), "cpu cores": os.cpu_count(), "torch threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else gpus(),
+            "device": str(device), "dtype": str(trainer.dtype).removeprefix("torch."),
+            "world size": trainer.env.world_size}
