@@ -175,7 +175,7 @@ def test_cli_defaults_are_the_python_configs_defaults():
             assert getattr(args, name) == default(SamplingConfig, name)
         assert (args.device, args.dtype) == ("auto", "auto")
     args = _parse(["demo"])
-    for name in ("out", "minutes", "sft_minutes", "vocab_size", "workers"):
+    for name in ("out", "minutes", "sft_minutes", "vocab_size", "workers", "curve"):
         assert getattr(args, name) == default(DemoConfig, name)
 
 

@@ -15,7 +15,7 @@ def cmd_demo(args) -> None:
     from babyllama.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(out=args.out, minutes=args.minutes, sft_minutes=args.sft_minutes, fresh=args.fresh,
-                        vocab_size=args.vocab_size, workers=args.workers))
+                        vocab_size=args.vocab_size, workers=args.workers, curve=args.curve))
 
 
 def add_parsers(sub) -> None:
@@ -25,6 +25,9 @@ def add_parsers(sub) -> None:
                    help="pretraining time budget (default %(default)s)")
     p.add_argument("--sft-minutes", type=float, default=Default(_demo_config, "sft_minutes"),
                    help="fine-tuning budget (default %(default)s); the from-scratch comparison takes the same steps")
+    p.add_argument("--curve", default=Default(_demo_config, "curve"),
+                   help="learning curve: fine-tune on this many labelled reviews, comma-separated, from the "
+                        "pretrained model and from random weights (default %(default)s; \"\" skips it)")
     p.add_argument("--vocab-size", type=int, default=Default(_demo_config, "vocab_size"),
                    help="tokenizer vocabulary (default %(default)s)")
     p.add_argument("--workers", type=int, default=Default(_demo_config, "workers"),

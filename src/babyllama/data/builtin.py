@@ -67,6 +67,35 @@ def write_builtin_corpus(out_dir: str | Path, heldout: int = 2000, seed: int = 0
             "heldout": str(out / "reviews_heldout.jsonl")}
 
 
+def write_review_sample(reviews_jsonl: str | Path, n: int, out_file: str | Path, seed: int = 0,
+                        balanced: bool = True) -> Path:
+    """`n` reviews of a reviews file (all of them if it holds fewer), picked by a seeded shuffle, in
+    the file's layout. `balanced`: as many of each label as the file allows (positives and negatives
+    alternate in the pick order, the larger label fills in once the smaller runs out); otherwise in the
+    file's proportions. The pick order depends on `seed` only, so a smaller sample is the start of a
+    larger one: a learning curve adds labelled reviews instead of drawing new ones."""
+    with open(reviews_jsonl, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    rng = random.Random(seed)
+    if balanced:
+        by_label: dict[str, list[dict]] = {}
+        for rec in rows:
+            by_label.setdefault(rec["label"], []).append(rec)
+        queues = [by_label[label] for label in sorted(by_label)]
+        for queue in queues:
+            rng.shuffle(queue)
+        picked = [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+    else:
+        picked = rows[:]
+        rng.shuffle(picked)
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_file, "w", encoding="utf-8") as f:
+        for rec in picked[:n]:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    return out_file
+
+
 SENTIMENT_PROMPT = "判断这条评论的情感是正面还是负面：\n{text}"
 SENTIMENT_ANSWER = {"positive": "正面", "negative": "负面"}
 
