@@ -470,7 +470,7 @@ def plot_learning_curve(curve: dict, png: Path) -> Path:
 
     points = [p for p in curve["points"] if p.get("n")]
     xs = [p["n"] for p in points]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig, ax = plt.subplots(figsize=(7, 4.6), dpi=110)
     for key, label, dy in (("accuracy_pretrained", "fine-tuned from the pretrained model", 6),
                            ("accuracy_scratch", "fine-tuned from random weights", -13)):
         ys = [100 * p[key] for p in points]
@@ -490,7 +490,7 @@ def plot_learning_curve(curve: dict, png: Path) -> Path:
     ax.set_title(f"review sentiment: what pretraining buys\n(the smaller sizes scored on {curve['heldout']} held-out "
                  f"reviews, 95% interval within +/- {100 * curve['ci95_half_width']:.1f} points)", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8, frameon=False)  # off the data
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
