@@ -23,20 +23,33 @@ def _lengths(text: str) -> list[int]:
 
 
 def cmd_eval_ppl(args) -> None:
-    import torch
-
     from babyllama.eval.perplexity import PerplexityConfig, format_table, perplexity
 
     cfg = PerplexityConfig(ckpt=args.ckpt, data=args.data, lengths=_lengths(args.lengths or ""), stride=args.stride,
                            split=args.split, max_tokens=args.max_tokens, batch_size=args.batch_size,
                            device=args.device, dtype=args.dtype, layout=args.layout, encoding=args.encoding,
                            allow_unverified=args.allow_unverified, out=args.out)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     result = perplexity(cfg)
     print(format_table(result))
     if "written_to" in result:
         print(f"-> {result['written_to']}")
+
+
+def _add_model_flags(p, config, dtype_help: str) -> None:
+    """How the evaluated model is loaded and run: the same flags for every evaluation."""
+    p.add_argument("--device", default=Default(config, "device"), help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--dtype", default=Default(config, "dtype"), help=dtype_help)
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="load a checkpoint that has no checksums.json (not written by babyllama)")
+
+
+def _set_threads(args) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
 
 def add_parsers(sub) -> None:
@@ -66,12 +79,8 @@ def _add_ppl(group) -> None:
                    help="tokens of the text scored, the same ones at every length (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=Default(_ppl_config, "batch_size"),
                    help="windows per forward pass (default %(default)s)")
-    p.add_argument("--device", default=Default(_ppl_config, "device"), help="auto, cpu, cuda, cuda:N, mps")
-    p.add_argument("--dtype", default=Default(_ppl_config, "dtype"), help="float32 (default), bfloat16, float16")
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    _add_model_flags(p, _ppl_config, "float32 (default), bfloat16, float16")
     p.add_argument("--out", help="write the results as JSON here (default: RUN/eval/ppl-DATA.json for a run directory)")
-    p.add_argument("--allow-unverified", action="store_true",
-                   help="load a checkpoint that has no checksums.json (not written by babyllama)")
     add_layout_flag(p, _ppl_config, "of text files: see `babyllama data pretrain --help`")
     add_encoding_flag(p, _ppl_config)
     p.set_defaults(func=cmd_eval_ppl)
@@ -84,8 +93,6 @@ def _gen_config():
 
 
 def cmd_eval_gen(args) -> None:
-    import torch
-
     from babyllama.eval.generation import GenerationEvalConfig, evaluate_generation, format_summary
 
     cfg = GenerationEvalConfig(ckpt=args.ckpt, data=args.data, max_new_tokens=args.max_new_tokens,
@@ -94,8 +101,7 @@ def cmd_eval_gen(args) -> None:
                                allow_unverified=args.allow_unverified, out=args.out, temperature=args.temperature,
                                top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                                seed=args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     result = evaluate_generation(cfg)
     print(format_summary(result))
     print(f"-> {result['written_to']} (answers: {result['outputs']} beside it)")
@@ -125,14 +131,9 @@ def _add_gen(group) -> None:
                    help="conversations evaluated, the first of the data (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=Default(_gen_config, "batch_size"),
                    help="prompts generated together (default %(default)s)")
-    p.add_argument("--device", default=Default(_gen_config, "device"), help="auto, cpu, cuda, cuda:N, mps")
-    p.add_argument("--dtype", default=Default(_gen_config, "dtype"),
-                   help="auto (default: bf16 on GPUs that have it, float32 on CPUs), float32, bfloat16, float16")
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    _add_model_flags(p, _gen_config, "auto (default: bf16 on GPUs that have it, float32 on CPUs), float32, bfloat16, float16")
     p.add_argument("--out", help="write the results as JSON here, the answers beside it as .jsonl "
                                  "(default: RUN/eval/gen-DATA.json for a run directory)")
-    p.add_argument("--allow-unverified", action="store_true",
-                   help="load a checkpoint that has no checksums.json (not written by babyllama)")
     add_layout_flag(p, _gen_config, "see below")
     add_encoding_flag(p, _gen_config)
     add_on_error_flag(p, _gen_config)
@@ -154,15 +155,12 @@ def _mc_config():
 
 
 def cmd_eval_mc(args) -> None:
-    import torch
-
     from babyllama.eval.multiple_choice import MultipleChoiceConfig, evaluate_multiple_choice, format_result
 
     cfg = MultipleChoiceConfig(ckpt=args.ckpt, data=args.data, shots=args.shots, split=args.split, score=args.score,
                                batch_size=args.batch_size, max_questions=args.max_questions, device=args.device,
                                dtype=args.dtype, allow_unverified=args.allow_unverified, out=args.out)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     for result in evaluate_multiple_choice(cfg):
         print(format_result(result))
         if "written_to" in result:
@@ -195,10 +193,6 @@ def _add_mc(group) -> None:
     p.add_argument("--batch-size", type=int, default=Default(_mc_config, "batch_size"),
                    help="sequences per forward pass (default %(default)s)")
     p.add_argument("--max-questions", type=int, help="score only the first N questions of each subject")
-    p.add_argument("--device", default=Default(_mc_config, "device"), help="auto, cpu, cuda, cuda:N, mps")
-    p.add_argument("--dtype", default=Default(_mc_config, "dtype"), help="float32 (default), bfloat16, float16")
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    _add_model_flags(p, _mc_config, "float32 (default), bfloat16, float16")
     p.add_argument("--out", help="directory for the JSON results (default: RUN/eval for a run directory)")
-    p.add_argument("--allow-unverified", action="store_true",
-                   help="load a checkpoint that has no checksums.json (not written by babyllama)")
     p.set_defaults(func=cmd_eval_mc)
