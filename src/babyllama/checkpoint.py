@@ -39,6 +39,8 @@ class CheckpointError(FileNotFoundError):
     pass
 
 
+WEIGHTS = "model.safetensors"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # an adapter checkpoint in PEFT's layout (adapters/peft.py)
 TIED_HEAD = "output.weight"  # with tied embeddings, the embedding itself: stored once, under its own name
 
 
@@ -89,13 +91,18 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module | dic
     weights = model_state(model) if isinstance(model, torch.nn.Module) else dict(model)
     if model_config.tie_embeddings:
         weights.pop(TIED_HEAD, None)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"),
-              metadata={"format": "pt"})
+    adapter = _adapter_format(transforms or []) if base else None
+    if adapter:  # the adapter's own files (LoRA: a PEFT adapter directory)
+        cls, settings = adapter
+        cls.save_weights(tmp, weights, model_config, settings, str(base))
+    else:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
     meta = {"model": model_config.__dict__, "step": step, "run": run_config or {}}
     if transforms:
         meta["transforms"] = transforms
-    if base:
+    if base:  # where the rest of the weights are, and which weights they were (checked on loading)
         meta["base"] = str(base)
+        meta["base_weights_sha256"] = weights_fingerprint(Path(base))
     (tmp / "config.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
     if optimizer is not None:
         torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
@@ -118,6 +125,32 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module | dic
     return final
 
 
+def _adapter_format(transforms: list[dict]):
+    """(class, settings) of the recorded transformation that stores its own weights, or None."""
+    import babyllama.adapters  # noqa: F401  (registers LoRA, so records naming it resolve)
+    from babyllama.transforms import TRANSFORMS
+
+    for record in transforms:
+        cls = TRANSFORMS.get(record.get("name"))
+        if cls is not None and hasattr(cls, "save_weights"):
+            return cls, {k: v for k, v in record.items() if k != "name"}
+    return None
+
+
+def weights_fingerprint(ckpt: Path) -> str:
+    """SHA-256 of a checkpoint's weights file (from its checksums.json when it has one)."""
+    try:
+        sums = json.loads((ckpt / CHECKSUMS).read_text(encoding="utf-8"))
+        if WEIGHTS in sums:
+            return sums[WEIGHTS]
+    except (OSError, ValueError):
+        pass
+    if not (ckpt / WEIGHTS).is_file():
+        raise CheckpointError(f"{ckpt}: no {WEIGHTS}; an adapter's base must be a checkpoint with full weights "
+                              f"(merge an adapter run first: babyllama lora merge)")
+    return _sha256(ckpt / WEIGHTS)
+
+
 def _prune(root: Path, keep: int, protect: str) -> None:
     if keep <= 0:
         return
@@ -133,8 +166,8 @@ def verify_checkpoint(ckpt: Path, allow_unverified: bool = False) -> str | None:
     unless `allow_unverified`."""
     sums_file = ckpt / CHECKSUMS
     if not sums_file.is_file():
-        if not (ckpt / "model.safetensors").is_file():
-            return "model.safetensors is missing"
+        if not (ckpt / WEIGHTS).is_file() and not (ckpt / ADAPTER_WEIGHTS).is_file():
+            return f"{WEIGHTS} is missing"
         return None if allow_unverified else f"it has no {CHECKSUMS}, so it cannot be verified"
     try:
         sums = json.loads(sums_file.read_text(encoding="utf-8"))
@@ -168,7 +201,7 @@ def find_checkpoint(path: str | Path, verify: bool = False, warn: Callable[[str]
     ones are reported through `warn`); a named checkpoint that fails is an error, and so is a run
     whose checkpoints all fail (each named, with what is wrong)."""
     path = Path(path)
-    if (path / "model.safetensors").is_file() or (path / CHECKSUMS).is_file():
+    if any((path / f).is_file() for f in (WEIGHTS, ADAPTER_WEIGHTS, CHECKSUMS)):
         problem = verify_checkpoint(path, allow_unverified) if verify else None
         if problem:
             raise CheckpointError(f"{path}: {problem}" + ("; " + UNVERIFIED_HINT if "verified" in problem else ""))
@@ -217,8 +250,16 @@ def read_meta(ckpt: Path) -> dict:
 
 
 def load_state_file(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The weights a checkpoint holds; a tied head is given back under its own name too."""
-    state = load_file(str(ckpt / "model.safetensors"))
+    """The weights a checkpoint holds, under our parameter names (an adapter checkpoint's through
+    its own format); a tied head is given back under its own name too."""
+    if not (ckpt / WEIGHTS).is_file() and (ckpt / ADAPTER_WEIGHTS).is_file():
+        adapter = _adapter_format(read_meta(ckpt).get("transforms", []))
+        if adapter is None:
+            raise CheckpointError(f"{ckpt}: holds {ADAPTER_WEIGHTS} but its config.json names no adapter; "
+                                  f"a PEFT adapter from elsewhere is brought in with `babyllama lora import`")
+        cls, settings = adapter
+        return cls.load_weights(ckpt, read_model_config(ckpt), settings)
+    state = load_file(str(ckpt / WEIGHTS))
     if "tok_embeddings.weight" in state and TIED_HEAD not in state and read_model_config(ckpt).tie_embeddings:
         state[TIED_HEAD] = state["tok_embeddings.weight"]
     return state
@@ -263,12 +304,16 @@ def load_training_state(ckpt: Path) -> tuple[dict | None, dict | None]:
     return opt, state
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", allow_unverified: bool = False):
+def load_model(path: str | Path, device: str | torch.device = "cpu", allow_unverified: bool = False,
+               base: str | Path | None = None, merge: bool = False):
     """(model, checkpoint dir) from a run directory or checkpoint directory, ready for inference.
     The transformations the checkpoint records are applied again before its weights are loaded;
-    an adapter checkpoint loads its base checkpoint's weights first."""
+    an adapter checkpoint loads its base checkpoint's weights first (`base` overrides where that
+    is; either way its weights must be the ones the adapter was trained on). `merge` folds
+    adapters into plain weights (the same outputs, faster to run)."""
     import sys
 
+    import babyllama.adapters  # noqa: F401  (registers the adapters checkpoints may name)
     from babyllama.model import Llama
     from babyllama.transforms import apply_transforms, from_record
 
@@ -277,9 +322,29 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", allow_unver
     meta = read_meta(ckpt)
     model = Llama(read_model_config(ckpt))
     if meta.get("base"):
-        base = find_checkpoint(meta["base"], verify=True, warn=warn, allow_unverified=allow_unverified)
-        load_weights(model, base)
+        base_ckpt = find_base(ckpt, meta, base, allow_unverified)
+        load_weights(model, base_ckpt)
     transforms = [from_record(r) for r in meta.get("transforms", [])]
     apply_transforms(model, transforms)
     load_weights(model, ckpt, partial=bool(meta.get("base")))
+    if merge:
+        babyllama.adapters.merge_adapters(model)
     return model.to(device).eval(), ckpt
+
+
+def find_base(ckpt: Path, meta: dict, base: str | Path | None = None, allow_unverified: bool = False) -> Path:
+    """The checkpoint an adapter checkpoint completes: where it says (or `base`), refused unless its
+    weights are the very ones the adapter was trained on."""
+    where = Path(base) if base else Path(meta["base"])
+    hint = "pass the right one with --base" if base is None else "check --base"
+    try:
+        found = find_checkpoint(where, verify=True, allow_unverified=allow_unverified)
+    except CheckpointError as e:
+        raise CheckpointError(f"{ckpt} is an adapter over {meta['base']}, which cannot be loaded ({e}); "
+                              f"{hint}") from None
+    expected = meta.get("base_weights_sha256")
+    if expected and weights_fingerprint(found) != expected:
+        raise CheckpointError(f"{ckpt} is an adapter trained over other weights than {found}'s (recorded "
+                              f"{expected[:12]}, found {weights_fingerprint(found)[:12]}): applied to another "
+                              f"base it computes nonsense; {hint} (the checkpoint it was trained from)")
+    return found

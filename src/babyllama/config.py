@@ -31,6 +31,8 @@ FLAGS = {
     "train.max_steps": "--max-steps", "train.batch_size": "--batch-size", "train.grad_accum": "--grad-accum",
     "train.lr": "--lr", "train.device": "--device", "train.dtype": "--dtype", "train.max_minutes": "--max-minutes",
     "train.seed": "--seed", "train.parallel": "--parallel", "train.deepspeed": "--deepspeed",
+    "lora.rank": "--lora-rank", "lora.alpha": "--lora-alpha", "lora.dropout": "--lora-dropout",
+    "lora.targets": "--lora-targets", "lora.train": "--lora-train",
 }
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 DEVICE_SYNTAX = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -216,10 +218,57 @@ class TrainConfig:
         _check_bool("train.tensorboard", self.tensorboard)
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections LoRA can adapt
+DEFAULT_LORA_TARGETS = LORA_TARGETS  # all linear layers: what QLoRA found needed to match full fine-tuning
+LORA_EXTRAS = ("norms", "embeddings")  # trained in full besides the adapters, when asked (LongLoRA trains both)
+
+
+def parse_list(value: str | list | tuple, known: tuple[str, ...], flag: str) -> list[str]:
+    """'q,v' or ['q', 'v'] -> ['q', 'v'] in the canonical order; unknown names refused by name."""
+    items = [s.strip() for s in value.split(",")] if isinstance(value, str) else [str(s).strip() for s in value]
+    items = [s for s in items if s]
+    if "all" in items:
+        items = list(known)
+    unknown = [s for s in items if s not in known]
+    if unknown:
+        raise ConfigError(f"{flag}: unknown {', '.join(map(repr, unknown))} (choose from {', '.join(known)}, or all)")
+    return [s for s in known if s in items]
+
+
+@dataclass
+class LoraConfig:
+    """What `--lora` trains. `targets`: the projections that get adapters (q, k, v, o, gate, up,
+    down); `train`: what trains in full besides them (norms, embeddings)."""
+
+    rank: int = 8
+    alpha: float = 16.0  # the update is scaled by alpha / rank (2 at the defaults)
+    dropout: float = 0.05
+    targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    dora: bool = False
+    rslora: bool = False  # scale by alpha / sqrt(rank) instead (rank-stabilised LoRA)
+    train: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_bool("lora.dora", self.dora)
+        _check_bool("lora.rslora", self.rslora)
+        check_int("lora.rank", self.rank, 1)
+        check_float("lora.alpha", self.alpha, 0, low_open=True)
+        check_float("lora.dropout", self.dropout, 0, 1, high_open=True)
+        self.targets = tuple(parse_list(self.targets, LORA_TARGETS, "--lora-targets"))
+        self.train = tuple(parse_list(self.train, LORA_EXTRAS, "--lora-train"))
+        if not self.targets:
+            raise ConfigError("--lora-targets: name at least one projection (q, k, v, o, gate, up, down)")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig | None = None  # train LoRA/DoRA adapters instead of every weight (--lora)
 
     def validate(self) -> None:
         """Check both parts again, e.g. after a stage filled model.vocab_size from the tokenizer."""
@@ -227,19 +276,28 @@ class RunConfig:
         self.train.validate()
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if self.lora is None:
+            data.pop("lora")
+        else:
+            data["lora"] = {k: list(v) if isinstance(v, tuple) else v for k, v in data["lora"].items()}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], base: "RunConfig | None" = None) -> "RunConfig":
         base = base or cls()
-        merged = merge_dict(base.to_dict(), data, where="config")
+        template = base.to_dict()
+        if "lora" in data and "lora" not in template:  # a [lora] table turns LoRA on, from its defaults
+            template["lora"] = RunConfig(lora=LoraConfig()).to_dict()["lora"]
+        merged = merge_dict(template, data, where="config")
         model = merged["model"]
         # derived fields are recomputed unless the user set them explicitly
         if "model" in data and "hidden_dim" not in data["model"] and any(k in data["model"] for k in ("dim", "multiple_of")):
             model["hidden_dim"] = 0
         if "model" in data and "n_kv_heads" not in data["model"] and "n_heads" in data["model"]:
             model["n_kv_heads"] = 0
-        return cls(model=ModelConfig(**model), train=TrainConfig(**merged["train"]))
+        lora = LoraConfig(**merged["lora"]) if "lora" in merged else None
+        return cls(model=ModelConfig(**model), train=TrainConfig(**merged["train"]), lora=lora)
 
     def to_toml(self) -> str:
         lines: list[str] = []
@@ -252,6 +310,8 @@ class RunConfig:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):

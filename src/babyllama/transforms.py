@@ -1,7 +1,7 @@
 """Model transformations: how a built model is changed from outside, never by the model class.
 
-The decoding layout (infer/decode.py) is one today; LoRA/DoRA adapters, quantized linears and
-BitNet come next. Each is a small class registered here by name:
+The decoding layout (infer/decode.py) and LoRA/DoRA adapters (adapters/lora.py) are two; quantized
+linears and BitNet come next. Each is a small class registered here by name:
 
     name                 its key in TRANSFORMS and in checkpoints
     order                its place in a composition: ADAPTER (10), QUANTIZE (20), LAYOUT (90);
@@ -11,6 +11,11 @@ BitNet come next. Each is a small class registered here by name:
     apply(model)         changes the model in place, usually through `replace_modules`
     trains_own_params    True for adapters: the model's other parameters are frozen, and a
                          checkpoint holds only the parameters it trains (plus where the base is)
+
+An adapter class may also define how its checkpoints are stored (LoRA writes PEFT's files):
+    save_weights(directory, weights, model_config, settings, base)   writes the trained weights
+    load_weights(directory, model_config, settings) -> weights        reads them back (our names)
+checkpoint.py uses them for a checkpoint that records the transformation, model.safetensors otherwise.
 
 `apply_transforms(model, [t, ...])` applies them in order and records them on the instance (the
 class never reads them); `applied(model)` lists the records, which checkpoint.save_checkpoint writes and checkpoint.load_model reapplies before it
@@ -72,6 +77,12 @@ def apply_transforms(model: nn.Module, transforms: list) -> nn.Module:
         t.apply(model)
         records.append({"name": t.name, **t.settings()})
     return model
+
+
+def unrecord(model: nn.Module, name: str) -> None:
+    """Forget that `name` was applied (a transformation undone or folded away, e.g. merged adapters)."""
+    records = _records(model)
+    records[:] = [r for r in records if r["name"] != name]
 
 
 def from_record(record: dict[str, Any]):

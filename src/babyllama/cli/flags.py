@@ -134,6 +134,24 @@ def add_config_flags(p: argparse.ArgumentParser, model: bool = True) -> None:
     g.add_argument("--seed", type=int, help="random seed (train.seed)")
 
 
+def add_lora_flags(p: argparse.ArgumentParser, what: str) -> None:
+    """LoRA / DoRA: train small adapters over the frozen model (the same flags for every stage)."""
+    g = p.add_argument_group(f"LoRA / DoRA ({what}; any of these turns LoRA on, like a [lora] table in --config)")
+    g.add_argument("--lora", action="store_true",
+                   help="train LoRA adapters only (checkpoints hold the adapter alone, in PEFT's format, "
+                        "and name their base); defaults: rank 8, alpha 16, dropout 0.05, all projections, "
+                        "and for sft a learning rate of 2e-3")
+    g.add_argument("--dora", action="store_true", help="DoRA: LoRA plus a learned magnitude per output row")
+    g.add_argument("--lora-rank", type=int, metavar="R", help="rank of the update (lora.rank, default 8)")
+    g.add_argument("--lora-alpha", type=float, metavar="A",
+                   help="the update is scaled by alpha / rank (lora.alpha, default 16)")
+    g.add_argument("--lora-dropout", type=float, metavar="P", help="dropout on the adapter's input (default 0.05)")
+    g.add_argument("--lora-targets", metavar="LIST",
+                   help="projections that get adapters: q,k,v,o,gate,up,down or all (default all)")
+    g.add_argument("--lora-train", metavar="LIST",
+                   help="also train these in full: norms, embeddings (default: nothing else)")
+
+
 # --- inference --------------------------------------------------------------------------------
 
 def _sampling_config() -> type:

@@ -7,8 +7,8 @@ import os
 import warnings
 from pathlib import Path
 
-from babyllama.cli.flags import Default, add_config_flags, add_encoding_flag, add_layout_flag, add_on_error_flag, \
-    add_run_flags
+from babyllama.cli.flags import Default, add_config_flags, add_encoding_flag, add_layout_flag, add_lora_flags, \
+    add_on_error_flag, add_run_flags
 from babyllama.cli.prepare import SFT_LAYOUTS_HELP
 
 RUN_CONFIG = "run_config.toml"  # what a run writes into its --out: the settings a --resume starts from
@@ -46,12 +46,17 @@ def run_config(args, base=None, file: dict | None = None):
 
     overrides = parse_overrides(args.set)
     train = overrides.setdefault("train", {})
-    for field_name, flag in FLAGS.items():  # the flags that set a train.* field, as config.py names them
+    for field_name, flag in FLAGS.items():  # the flags that set a field directly, as config.py names them
         value = getattr(args, flag[2:].replace("-", "_"), None)
         if value is not None:
-            train[field_name.split(".", 1)[1]] = value
+            section, key = field_name.split(".", 1)
+            overrides.setdefault(section, {})[key] = value
     if args.compile:
         train["compile"] = True
+    if getattr(args, "lora", False) or getattr(args, "dora", False):  # any lora.* setting turns LoRA on
+        overrides.setdefault("lora", {})
+    if getattr(args, "dora", False):
+        overrides["lora"]["dora"] = True
     file = dict(file if file is not None else read_config_file(args.config) if args.config else {})
     preset_name = args.preset or (str(file["preset"]) if file.get("preset") is not None else None)
     file.pop("preset", None)
@@ -83,10 +88,11 @@ def cmd_pretrain(args) -> None:
     report_run(summary)
 
 
-def sft_train_config(args):
-    """The fine-tuning settings: the SFT defaults (or, resuming without --config/--preset, the run's
-    own [train]) <- --preset/--config <- flags. The model comes from --ckpt: `--set model.*` is
-    refused and a [model] table in --config is ignored with a warning, before anything is loaded."""
+def sft_run_config(args):
+    """The fine-tuning settings ([train], and [lora] with --lora): the SFT defaults (LoRA's with
+    --lora; or, resuming without --config/--preset, the run's own) <- --preset/--config <- flags.
+    The model comes from --ckpt: `--set model.*` is refused and a [model] table in --config is
+    ignored with a warning, before anything is loaded."""
     from babyllama.config import ConfigError, RunConfig
 
     for pair in args.set:
@@ -100,19 +106,25 @@ def sft_train_config(args):
         file.pop("model")
     from babyllama.finetune.sft import default_sft_train
 
-    base = RunConfig(train=default_sft_train())
     saved = Path(args.out) / RUN_CONFIG
+    own = {}
     if args.resume and not (args.config or args.preset) and saved.is_file():
         # resuming: the run's own settings, with only the flags given now on top
-        base = RunConfig.from_dict({"train": read_config_file(saved).get("train", {})}, base=base)
-    return run_config(args, base=base, file=file).train
+        own = {k: v for k, v in read_config_file(saved).items() if k in ("train", "lora")}
+    cfg = None
+    for lora in (False, True):  # LoRA's defaults (its learning rate) once LoRA turns out to be on
+        base = RunConfig.from_dict(own, base=RunConfig(train=default_sft_train(lora)))
+        cfg = run_config(args, base=base, file=file)
+        if cfg.lora is None or lora:
+            return cfg
+    return cfg
 
 
 def cmd_sft(args) -> None:
-    train = sft_train_config(args)
+    cfg = sft_run_config(args)
     from babyllama.finetune.sft import SFTJob, sft
 
-    summary = sft(SFTJob(ckpt=args.ckpt, data=args.data, out=args.out, train=train, layout=args.layout,
+    summary = sft(SFTJob(ckpt=args.ckpt, data=args.data, out=args.out, train=cfg.train, lora=cfg.lora, layout=args.layout,
                          val_fraction=args.val_fraction, resume=args.resume, on_error=args.on_error,
                          pack=args.pack, stop_at_step=args.stop_at_step, dropout=args.dropout,
                          overwrite=args.overwrite, allow_unverified=args.allow_unverified, encoding=args.encoding))
@@ -127,6 +139,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--tokenizer", help="check that the shards were made with this tokenizer")
     add_run_flags(p)
     add_config_flags(p)
+    add_lora_flags(p, "continued pretraining from --init")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("sft", help="supervised fine-tuning on conversations (loss on assistant replies only)",
@@ -146,4 +159,5 @@ def add_parsers(sub) -> None:
     add_encoding_flag(p, _sft_job)
     add_run_flags(p)
     add_config_flags(p, model=False)
+    add_lora_flags(p, "fine-tuning")
     p.set_defaults(func=cmd_sft)

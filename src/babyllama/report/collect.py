@@ -146,8 +146,13 @@ def _checkpoints(run: Path) -> dict:
             "path": str(root / latest) if latest else None}
 
 
-def safetensors_numel(path: Path) -> int | None:
-    """Parameters stored in a safetensors file, from its JSON header (no tensor is read)."""
+def millions_text(n: int) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+def safetensors_numel(path: Path, skip: tuple[str, ...] = ()) -> int | None:
+    """Parameters stored in a safetensors file, from its JSON header (no tensor is read); `skip`:
+    tensor names not to count (a copy of a tied weight)."""
     try:
         with open(path, "rb") as f:
             size = struct.unpack("<Q", f.read(8))[0]
@@ -156,11 +161,20 @@ def safetensors_numel(path: Path) -> int | None:
             header = json.loads(f.read(size))
     except (OSError, ValueError, struct.error):
         return None
-    return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__" and k not in skip)
 
 
 def _parameter_count(checkpoints: dict, config: dict) -> dict:
     """From the latest checkpoint's weights; from the model config when there is no checkpoint yet."""
+    adapter_file = Path(checkpoints["path"] or ".") / "adapter_model.safetensors"
+    if checkpoints["path"] and adapter_file.is_file():  # a LoRA/DoRA run: the adapter over a frozen base
+        trained = safetensors_numel(adapter_file, skip=("base_model.model.lm_head.weight",))
+        total = _parameter_count({"path": None}, config)["count"]
+        share = f" ({100 * trained / total:.2f}% of {millions_text(total)})" if trained and total else ""
+        return {"count": total, "trained": trained, "adapter_bytes": adapter_file.stat().st_size,
+                "source": f"the model; an adapter of {trained:,} parameters{share} trains, "
+                          f"stored in {adapter_file.stat().st_size / 1e6:.2f} MB over "
+                          f"{checkpoints['meta'].get('base', 'its base')}"}
     if checkpoints["path"]:
         stored = safetensors_numel(Path(checkpoints["path"]) / "model.safetensors")
         if stored is not None:

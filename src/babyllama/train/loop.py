@@ -203,6 +203,11 @@ class Trainer:
         if saved != self.model_config:
             raise ckpt_io.CheckpointError(f"{ckpt}: the run was trained with another model shape; "
                                           f"{ckpt_io.describe_shape_difference(ckpt, self.model_config)}")
+        recorded = ckpt_io.read_meta(ckpt).get("transforms", [])
+        if recorded != applied(self.model):
+            raise ckpt_io.CheckpointError(f"{ckpt}: the run was trained with transformations {recorded or 'none'}, "
+                                          f"this model has {applied(self.model) or 'none'}; resume with the run's "
+                                          f"own settings (e.g. the same --lora flags)")
         opt_state, state = ckpt_io.load_training_state(ckpt)
         if state is not None and int(state["step"]) > self.cfg.max_steps:  # before anything is loaded
             raise ConfigError(f"{ckpt} is at step {int(state['step'])}, past train.max_steps={self.cfg.max_steps}; "

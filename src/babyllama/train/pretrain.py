@@ -13,7 +13,7 @@ from babyllama.data.pretrain import dataset_fingerprint, load_manifest
 from babyllama.corpus.readers import DataError
 import babyllama.checkpoint as ckpt_io
 from babyllama.train.objectives import NextToken
-from babyllama.train.stage import StageParts, StageRun, run_stage
+from babyllama.train.stage import StageParts, StageRun, attach_lora, describe_lora, run_stage
 
 
 @dataclass
@@ -57,6 +57,9 @@ def pretrain(job: PretrainJob) -> dict:
     manifest = load_manifest(data_dir)  # the data and the tokenizer are checked before `out` is touched
     tok = check_tokenizer(data_dir, manifest, job.tokenizer)
     fit_vocab(cfg, tok)
+    if cfg.lora is not None and not job.init:
+        raise ConfigError("--lora trains adapters over a trained model: give it with --init CKPT "
+                          "(continued pretraining); a model pretrained from scratch trains every weight")
     run = StageRun.from_job(job, stage="pretrain", train=cfg.train, inputs=[data_dir, job.init, job.tokenizer],
                             retry_hint=f"or start a new run from its weights: --init {job.out}")
     return run_stage(run, lambda env: _build(job, cfg, manifest, tok, env, data_dir))
@@ -67,10 +70,12 @@ def _build(job: PretrainJob, cfg: RunConfig, manifest: dict, tok, env, data_dir:
 
     torch.manual_seed(cfg.train.seed)
     model = Llama(cfg.model)
+    base = None
     if job.init:
         init = ckpt_io.find_checkpoint(job.init, verify=True, allow_unverified=job.allow_unverified,
                                        warn=print if env.is_main else None)
         ckpt_io.load_weights(model, init)
+        base = attach_lora(model, cfg.lora, init, cfg.train.seed)
     seq = cfg.model.max_seq_len
     batches = PretrainBatches(data_dir, seq, cfg.train.batch_size, seed=cfg.train.seed, rank=env.rank,
                               world_size=env.world_size, vocab_limit=cfg.model.vocab_size)
@@ -88,4 +93,5 @@ def _build(job: PretrainJob, cfg: RunConfig, manifest: dict, tok, env, data_dir:
 
     return StageParts(model, NextToken(), batches, val,
                       data={"path": str(data_dir), "fingerprint": dataset_fingerprint(manifest)}, tokenizer=tok,
-                      config=cfg, run_info={"init": job.init}, describe=describe)
+                      config=cfg, run_info={"init": job.init}, describe=lambda t: describe(t) + describe_lora(model),
+                      base_checkpoint=base)

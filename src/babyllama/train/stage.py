@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from babyllama.checkpoint import CheckpointError
-from babyllama.config import RunConfig, TrainConfig
+from babyllama.config import LoraConfig, RunConfig, TrainConfig
 from babyllama.outputs import write_text_atomic
 from babyllama.train.loop import BatchSource, Trainer
 from babyllama.train.objectives import Objective
@@ -71,6 +71,7 @@ class StageParts:
     files: dict[str, str] = field(default_factory=dict)  # more files for the run: name -> text
     describe: Callable[[Trainer], str] | None = None  # the line printed before training (with progress)
     summary: dict = field(default_factory=dict)  # added to the summary the stage returns
+    base_checkpoint: str | None = None  # an adapter run: the checkpoint its adapter checkpoints complete
 
 
 def run_stage(run: StageRun, build: Callable[[Any], StageParts]) -> dict:
@@ -98,7 +99,7 @@ def _run_stage(run: StageRun, parts: StageParts, env, out: Path) -> dict:
             parts.tokenizer.save(out / "tokenizer")
     trainer = Trainer(parts.model, parts.config.model, parts.config.train, parts.batches, out,
                       val_batches=parts.val_batches or None, run_config=parts.config.to_dict(), progress=show,
-                      objective=parts.objective)
+                      objective=parts.objective, base_checkpoint=parts.base_checkpoint)
     if run.resume and not trainer.resume(allow_unverified=run.allow_unverified):
         raise CheckpointError(f"{out}: nothing to resume (no checkpoint yet); start without --resume")
     if env.is_main:  # after a resume was accepted: a refused one changes nothing
@@ -137,3 +138,34 @@ def run_environment(trainer: Trainer) -> dict:
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else gpus(),
             "device": str(device), "dtype": str(trainer.dtype).removeprefix("torch."),
             "world size": trainer.env.world_size}
+
+
+def attach_lora(model, lora: LoraConfig | None, source, seed: int) -> str | None:
+    """Apply LoRA/DoRA (when asked) to the model loaded from `source`; returns the base checkpoint
+    its adapter checkpoints complete (None without LoRA)."""
+    if lora is None:
+        return None
+    from babyllama.adapters import LoRA
+    from babyllama.checkpoint import WEIGHTS
+    from babyllama.transforms import apply_transforms
+
+    if not (source / WEIGHTS).is_file():
+        raise CheckpointError(f"{source} is itself an adapter; fold it into plain weights first "
+                              f"(babyllama lora merge --ckpt ... --out DIR) and train the new adapter on DIR")
+    torch.manual_seed(seed)  # the A matrices' initialisation
+    apply_transforms(model, [LoRA.from_config(lora)])
+    return str(source)
+
+
+def describe_lora(model) -> str:
+    from babyllama.adapters import count_parameters
+    from babyllama.transforms import applied
+
+    record = next((r for r in applied(model) if r["name"] == "lora"), None)
+    if record is None:
+        return ""
+    trainable, total = count_parameters(model)
+    kind = "DoRA" if record["dora"] else "LoRA"
+    return (f"\n{kind} rank {record['rank']}, alpha {record['alpha']:g} on {','.join(record['targets'])}"
+            f"{' + ' + ','.join(record['train']) if record['train'] else ''}: {trainable:,} of {total:,} "
+            f"parameters train ({100 * trainable / total:.2f}%)")

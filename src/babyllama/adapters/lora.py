@@ -1,0 +1,220 @@
+"""LoRA and DoRA: low-rank updates learned beside frozen weights, as a transformation of the plain model.
+
+LoRA (Hu et al. 2021) learns, for a frozen projection W (out x in), two small matrices A (r x in)
+and B (out x r) and computes
+
+    y = W x + s * B A dropout(x)          s = alpha / r   (alpha / sqrt(r) with rsLoRA)
+
+B starts at zero, so training starts from the base model exactly. DoRA (Liu et al. 2024) splits
+the updated weight into a direction and a learned magnitude m (one per output row):
+
+    W' = m * (W + s B A) / ||W + s B A||     (the norm per output row, treated as a constant in
+                                              the backward pass, the paper's section 4.3)
+
+m starts at ||W||, so DoRA too starts from the base model exactly.
+
+Our projections are fused (q, k and v in one `wqkv`; gate and up in one `w13`) while every other
+tool, PEFT included, adapts q_proj, k_proj, ... separately. Each target therefore owns the rows of
+its slice: `wqkv` with targets q and v has adapters for rows [0, q) and [q+k, q+k+v) only. One
+matmul computes every slice's A x (the A's stacked), then each slice's B. An adapter of ours is
+thus the same adapter PEFT would train on the unfused model (adapters/peft.py only renames).
+
+`LoRA(rank=8, ...)` is a registered transformation (transforms.py): it freezes the model, wraps the
+targeted `nn.Linear`s in `LoraLinear` and leaves the model class untouched. `merge_adapters`
+folds every adapter into plain weights (the model is then an ordinary `Llama` again).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from babyllama.config import DEFAULT_LORA_TARGETS, ConfigError, LoraConfig
+from babyllama.transforms import ADAPTER, register, replace_modules, unrecord
+
+# the fused projection of each target (its rows: projection_slices); PEFT's module names in adapters/peft.py
+PROJECTIONS = {"attention.wqkv": ("q", "k", "v"), "attention.wo": ("o",),
+               "feed_forward.w13": ("gate", "up"), "feed_forward.w2": ("down",)}
+
+
+def projection_slices(cfg, projection: str) -> dict[str, tuple[int, int]]:
+    """The row range of each target inside a (fused) projection of a model of config `cfg`."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    if projection == "attention.wqkv":
+        return {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}
+    if projection == "feed_forward.w13":
+        return {"gate": (0, cfg.hidden_dim), "up": (cfg.hidden_dim, 2 * cfg.hidden_dim)}
+    if projection == "attention.wo":
+        return {"o": (0, cfg.dim)}
+    if projection == "feed_forward.w2":
+        return {"down": (0, cfg.dim)}
+    raise KeyError(projection)
+
+
+class LoraLinear(nn.Module):
+    """A frozen projection (`base`) plus a LoRA or DoRA update on some of its row slices.
+
+    Parameters, per targeted slice t: `lora_A[t]` (r, in), `lora_B[t]` (rows of t, r) and, for
+    DoRA, `lora_magnitude[t]` (rows of t). `slices` lists every slice of the projection in order
+    (name -> (start, end)), targeted or not."""
+
+    def __init__(self, base: nn.Module, slices: dict[str, tuple[int, int]], targets: list[str], rank: int,
+                 scale: float, dropout: float, dora: bool):
+        super().__init__()
+        self.base, self.slices, self.targets = base, dict(slices), list(targets)
+        self.rank, self.scale, self.dora = rank, scale, dora
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        weight = base.weight
+        in_features = weight.shape[1]
+        self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
+        for t in self.targets:
+            start, end = self.slices[t]
+            a = torch.empty(rank, in_features, dtype=weight.dtype, device=weight.device)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear initialises (and PEFT does)
+            self.lora_A[t] = nn.Parameter(a)
+            self.lora_B[t] = nn.Parameter(torch.zeros(end - start, rank, dtype=weight.dtype, device=weight.device))
+        if dora:
+            self.lora_magnitude = nn.ParameterDict({
+                t: nn.Parameter(weight.detach()[slice(*self.slices[t])].float().norm(dim=1).to(weight.dtype))
+                for t in self.targets})
+
+    def delta(self, target: str) -> torch.Tensor:
+        """s * B A for one target: the update of its rows of the weight."""
+        return self.scale * (self.lora_B[target] @ self.lora_A[target])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        dropped = self.dropout(x)
+        a = self.lora_A[self.targets[0]] if len(self.targets) == 1 else \
+            torch.cat([self.lora_A[t] for t in self.targets])
+        low = F.linear(dropped, a) * self.scale  # every slice's s A x at once (scaled while it is small)
+        for i, t in enumerate(self.targets):
+            start, end = self.slices[t]
+            update = F.linear(low[..., i * self.rank:(i + 1) * self.rank], self.lora_B[t])
+            rows = y[..., start:end]  # added in place: no copy of the (large) base output
+            if not self.dora:
+                rows.add_(update)
+                continue
+            # DoRA: m / ||W + sBA|| (the norm detached) times (W x + s B A x)
+            w = self.base.weight[start:end]
+            norm = (w + self.delta(t).detach().to(w.dtype)).norm(dim=1).detach()
+            g = (self.lora_magnitude[t] / norm).to(y.dtype)
+            if isinstance(self.dropout, nn.Identity) or not self.training:
+                y[..., start:end] = g * (rows + update)
+            else:  # the base output saw x, the update a dropped-out x: as PEFT, W on the dropped x too
+                y[..., start:end] = rows + (g - 1) * F.linear(dropped, w) + g * update
+        return y
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The base weight with every update folded in (float32 arithmetic, the base's dtype)."""
+        w = self.base.weight.detach().float().clone()
+        for t in self.targets:
+            rows = slice(*self.slices[t])
+            updated = w[rows] + self.delta(t).float()
+            if self.dora:
+                updated = updated * (self.lora_magnitude[t].float() / updated.norm(dim=1))[:, None]
+            w[rows] = updated
+        return w.to(self.base.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"targets={self.targets}, rank={self.rank}, scale={self.scale:g}, dora={self.dora}"
+
+
+@register
+class LoRA:
+    """The transformation: freeze the model, wrap the targeted projections. With `dora`, DoRA."""
+
+    name, order, trains_own_params = "lora", ADAPTER, True
+
+    def __init__(self, rank: int = 8, alpha: float = 16.0, dropout: float = 0.05, targets=DEFAULT_LORA_TARGETS,
+                 dora: bool = False, rslora: bool = False, train=()):
+        self.config = LoraConfig(rank, alpha, dropout, targets, dora, rslora, train)
+
+    @classmethod
+    def from_config(cls, cfg: LoraConfig) -> "LoRA":
+        return cls(cfg.rank, cfg.alpha, cfg.dropout, cfg.targets, cfg.dora, cfg.rslora, cfg.train)
+
+    def settings(self) -> dict[str, Any]:
+        c = self.config
+        return {"rank": c.rank, "alpha": c.alpha, "dropout": c.dropout, "targets": list(c.targets),
+                "dora": c.dora, "rslora": c.rslora, "train": list(c.train)}
+
+    def apply(self, model: nn.Module) -> None:
+        c = self.config
+        if any(isinstance(m, LoraLinear) for m in model.modules()):
+            raise ConfigError("this model already has LoRA adapters: merge them first "
+                              "(babyllama lora merge) to train new ones on top")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name, p in model.named_parameters():
+            if ("norms" in c.train and p.dim() == 1) or ("embeddings" in c.train and name == "tok_embeddings.weight"):
+                p.requires_grad_(True)
+
+        def swap(name: str, module: nn.Module):
+            projection = name.split(".", 2)[-1] if name.startswith("layers.") else None
+            if projection not in PROJECTIONS or type(module) is not nn.Linear:
+                return None
+            wanted = [t for t in PROJECTIONS[projection] if t in c.targets]
+            if not wanted:
+                return None
+            return LoraLinear(module, projection_slices(model.config, projection), wanted, c.rank, c.scale,
+                              c.dropout, c.dora).train(model.training)  # new modules follow the model's mode
+
+        if replace_modules(model, swap) == 0:
+            raise ConfigError("LoRA found no projection to adapt in this model")
+
+    # checkpoints of a LoRA run are PEFT adapter directories (adapters/peft.py)
+    @staticmethod
+    def save_weights(directory, weights, model_config, settings, base) -> None:
+        from babyllama.adapters.peft import save_peft
+
+        save_peft(directory, weights, model_config, settings, base)
+
+    @staticmethod
+    def load_weights(directory, model_config, settings) -> dict[str, torch.Tensor]:
+        from babyllama.adapters.peft import load_peft_weights
+
+        return load_peft_weights(directory)
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+@torch.no_grad()
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Fold every LoRA/DoRA update into its projection's weight, in place: the model is plain again
+    (nn.Linear projections, no LoRA record), with every parameter trainable as a fresh model's."""
+
+    def swap(name: str, module: nn.Module):
+        if not isinstance(module, LoraLinear):
+            return None
+        if type(module.base) is not nn.Linear:
+            raise ConfigError(f"{name}: cannot merge an adapter over a {type(module.base).__name__} "
+                              f"(merge before laying the model out for decoding or quantizing it)")
+        plain = module.base
+        plain.weight.data = module.merged_weight()
+        return plain
+
+    replace_modules(model, swap)
+    unrecord(model, LoRA.name)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; a tied embedding and head counted once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
