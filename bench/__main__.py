@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--only train|generate|data|eval]`: every benchmark in turn, then one report of all tables.
+"""`python -m bench [--quick] [--only train|generate|data|eval|lora]`: every benchmark in turn, then one report of all tables.
 
 This process only starts the measurements and prints; it never imports torch or a tokenizer, so
 it stays small: a child started from it counts its parent's memory in ru_maxrss (Linux keeps the
@@ -21,8 +21,8 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="fewer repetitions; the training benchmark runs the demo config only")
-    p.add_argument("--only", choices=["train", "generate", "data", "eval"], help="run one benchmark")
-    p.add_argument("--threads", type=int, default=2, help="torch threads for the training benchmark")
+    p.add_argument("--only", choices=["train", "generate", "data", "eval", "lora"], help="run one benchmark")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for the benchmarks that use torch")
     args = p.parse_args()
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731  progress, kept out of the report
@@ -41,6 +41,10 @@ def main() -> None:
         log("multiple choice: ours vs lm-evaluation-harness")
         tables.append(_in_child("bench.eval_vs_lmeval", "--threads", str(args.threads),
                                 *(["--shots", "0"] if args.quick else [])))
+    if args.only in (None, "lora"):
+        log("LoRA fine-tuning step: ours vs PEFT")
+        tables.append(_in_child("bench.lora_vs_peft", "--threads", str(args.threads),
+                                *(["--quick"] if args.quick else [])))
     print(f"## Benchmarks ({platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
           f"torch {version('torch')}, transformers {version('transformers')}, "
           f"{'quick' if args.quick else 'full'} run, {time.perf_counter() - started:.0f} s)\n")

@@ -91,23 +91,29 @@ class LoraLinear(nn.Module):
         dropped = self.dropout(x)
         a = self.lora_A[self.targets[0]] if len(self.targets) == 1 else \
             torch.cat([self.lora_A[t] for t in self.targets])
-        low = F.linear(dropped, a) * self.scale  # every slice's s A x at once (scaled while it is small)
-        for i, t in enumerate(self.targets):
-            start, end = self.slices[t]
-            update = F.linear(low[..., i * self.rank:(i + 1) * self.rank], self.lora_B[t])
-            rows = y[..., start:end]  # added in place: no copy of the (large) base output
-            if not self.dora:
-                rows.add_(update)
+        lows = (F.linear(dropped, a) * self.scale).split(self.rank, dim=-1)  # every s A x at once, scaled while small
+        updates = {t: F.linear(low, self.lora_B[t]) for t, low in zip(self.targets, lows)}
+        if not self.dora:
+            # out of place: an in-place add into slices of y makes autograd copy y's gradient per slice
+            if len(self.slices) == 1:
+                return y + updates[self.targets[0]]
+            return y + torch.cat([updates[t] if t in updates else y.new_zeros(*y.shape[:-1], end - start)
+                                  for t, (start, end) in self.slices.items()], dim=-1)
+        pieces = []
+        sizes = [end - start for start, end in self.slices.values()]
+        for (t, (start, end)), rows in zip(self.slices.items(), y.split(sizes, dim=-1)):
+            if t not in updates:
+                pieces.append(rows)
                 continue
             # DoRA: m / ||W + sBA|| (the norm detached) times (W x + s B A x)
             w = self.base.weight[start:end]
             norm = (w + self.delta(t).detach().to(w.dtype)).norm(dim=1).detach()
             g = (self.lora_magnitude[t] / norm).to(y.dtype)
             if isinstance(self.dropout, nn.Identity) or not self.training:
-                y[..., start:end] = g * (rows + update)
+                pieces.append(g * (rows + updates[t]))
             else:  # the base output saw x, the update a dropped-out x: as PEFT, W on the dropped x too
-                y[..., start:end] = rows + (g - 1) * F.linear(dropped, w) + g * update
-        return y
+                pieces.append(rows + (g - 1) * F.linear(dropped, w) + g * updates[t])
+        return torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
