@@ -121,11 +121,14 @@ def test_the_demo_ends_with_its_evaluations_and_a_run_report(tmp_path, tokenizer
     from babyllama.data.builtin import write_sentiment_sft
 
     write_sentiment_sft(corpus["reviews"], sft_data)
-    for name, scratch in (("sft", False), ("sft_scratch", True)):
+    from babyllama.config import LoraConfig
+
+    for name, scratch, lora in (("sft", False, None), ("sft_scratch", True, None), ("sft_lora", False, LoraConfig())):
         train = default_sft_train()
         train.max_steps, train.batch_size, train.eval_interval, train.device = 3, 4, 3, "cpu"
         sft(SFTJob(ckpt=str(out / "pretrain"), data=[str(demo_sft)], out=str(out / name), train=train,
-                   from_scratch=scratch, progress=False))
+                   from_scratch=scratch, progress=False, lora=lora))
+    (out / "report.json").write_text(json.dumps({"accuracy_pretrained": 0.8, "accuracy_lora": 0.78}))
     curve = {"points": [{"n": 16, "all": False, "accuracy_pretrained": 0.6, "accuracy_scratch": 0.5, "steps": 1,
                          "steps_pretrained": 1, "steps_scratch": 1, "heldout": 12}], "heldout": 12, "plot": None}
     (out / "learning_curve.json").write_text(json.dumps(curve), encoding="utf-8")
@@ -134,10 +137,11 @@ def test_the_demo_ends_with_its_evaluations_and_a_run_report(tmp_path, tokenizer
     result = demo.evaluate_demo(demo.DemoConfig(out=str(out)), out, corpus, data_dir)
     assert [r["length"] for r in result["perplexity"]["results"]] == [256, 512]
     assert all(r["beyond_trained"] for r in result["perplexity"]["results"])  # a 64-token model
-    assert set(result["generation"]) == {"sft", "sft_scratch"}
+    assert set(result["generation"]) == {"sft", "sft_scratch", "sft_lora"}
     assert (out / "sft" / "eval" / "gen-sentiment_heldout.jsonl").is_file()
     html = (out / "report.html").read_text(encoding="utf-8")
     markdown = (out / "report.md").read_text(encoding="utf-8")
     for text in (html, markdown):
         assert "Learning curve" in text and "perplexity" in text.lower() and "sft_scratch" in text
+        assert "LoRA against full fine-tuning" in text and "78.0%" in text and "sft_lora" in text
     assert result["report"]["html"] == str(out / "report.html")

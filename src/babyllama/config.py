@@ -32,7 +32,7 @@ FLAGS = {
     "train.lr": "--lr", "train.device": "--device", "train.dtype": "--dtype", "train.max_minutes": "--max-minutes",
     "train.seed": "--seed", "train.parallel": "--parallel", "train.deepspeed": "--deepspeed",
     "lora.rank": "--lora-rank", "lora.alpha": "--lora-alpha", "lora.dropout": "--lora-dropout",
-    "lora.targets": "--lora-targets", "lora.train": "--lora-train",
+    "lora.targets": "--lora-targets", "lora.train": "--lora-train", "lora.tokens": "--lora-tokens",
 }
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 DEVICE_SYNTAX = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -247,6 +247,9 @@ class LoraConfig:
     dora: bool = False
     rslora: bool = False  # scale by alpha / sqrt(rank) instead (rank-stabilised LoRA)
     train: tuple[str, ...] = ()
+    # embedding rows trained too: "chat" = the chat markers (<|im_start|>, <|im_end|>) when the data is
+    # conversations (SFT), which pretraining never showed the model; "none"; or token ids "4,5"
+    tokens: str = "chat"
 
     def __post_init__(self) -> None:
         _check_bool("lora.dora", self.dora)
@@ -258,6 +261,17 @@ class LoraConfig:
         self.train = tuple(parse_list(self.train, LORA_EXTRAS, "--lora-train"))
         if not self.targets:
             raise ConfigError("--lora-targets: name at least one projection (q, k, v, o, gate, up, down)")
+        _check_str("lora.tokens", self.tokens)
+        if self.tokens not in ("chat", "none") and not all(t.strip().isdigit() for t in self.tokens.split(",")):
+            raise ConfigError(f"--lora-tokens must be chat, none or comma-separated token ids, got {self.tokens!r}")
+
+    def token_rows(self, chat_ids: tuple[int, ...] = ()) -> list[int]:
+        """The embedding rows to train: `chat_ids` (the stage's chat markers) for "chat", else the ids given."""
+        if self.tokens == "none" or "embeddings" in self.train:  # all rows train already
+            return []
+        if self.tokens == "chat":
+            return sorted(set(chat_ids))
+        return sorted({int(t) for t in self.tokens.split(",")})
 
     @property
     def scale(self) -> float:

@@ -242,7 +242,8 @@ def _run_demo(cfg: DemoConfig, out: Path) -> dict:
         print(f"pretraining: validation loss {report['val_loss_start']:.3f} -> {report['val_loss_end']:.3f}; "
               f"{summary['tokens']:,} tokens in {summary['seconds'] / 60:.1f} min")
     print(f"review sentiment on {report['heldout']:,} held-out reviews: {report['accuracy_pretrained']:.1%} "
-          f"fine-tuned from the pretrained model, {report['accuracy_scratch']:.1%} from random weights")
+          f"fine-tuned from the pretrained model, {report['accuracy_scratch']:.1%} from random weights, "
+          f"{report['accuracy_lora']:.1%} with LoRA rank 8 ({report['lora']['adapter_mb']:.2f} MB adapter)")
     if curve:
         print(format_learning_curve(curve))
     if curve:
@@ -288,12 +289,14 @@ def run_sentiment_sft(cfg: DemoConfig, out: Path, corpus: dict) -> dict:
     """Fine-tune the pretrained model to judge review sentiment, and the same shape from random
     weights for the same steps; report both held-out accuracies and a few chat exchanges."""
     from babyllama.data.builtin import write_sentiment_sft
+    from babyllama.config import LoraConfig
     from babyllama.finetune.sft import SFTJob, default_sft_train, sft
     from babyllama.checkpoint import list_checkpoints
     from babyllama.infer import Engine, SamplingConfig
     from babyllama.tokenizer.chat import Message
 
-    print(f"== {_stage(cfg, 5)} supervised fine-tuning: review sentiment (about {cfg.sft_minutes:g} minutes, twice)")
+    print(f"== {_stage(cfg, 5)} supervised fine-tuning: review sentiment (about {cfg.sft_minutes:g} minutes each: "
+          f"full, from random weights, LoRA)")
     data = write_sentiment_sft(corpus["reviews"], out / "corpus" / "sentiment_sft.jsonl")
     train = default_sft_train()
     # measured on one pretrained checkpoint, 2,587 steps each: lr 2e-3 without decay 84.3%, with
@@ -301,15 +304,16 @@ def run_sentiment_sft(cfg: DemoConfig, out: Path, corpus: dict) -> dict:
     train.batch_size, train.lr, train.min_lr, train.warmup_steps, train.seed = 16, 1e-3, 1e-4, 30, cfg.seed
     train.weight_decay = 0.1
     results = {}
-    for name, scratch in (("sft", False), ("sft_scratch", True)):
+    for name, scratch, lora in (("sft", False, False), ("sft_scratch", True, False), ("sft_lora", False, True)):
         run = out / name
         if list_checkpoints(run):
             from babyllama.config import load_config
 
-            train = load_config(run / "run_config.toml").train  # the same steps for the comparison run
+            if not lora:
+                train = load_config(run / "run_config.toml").train  # the same steps for the comparison runs
             print(f"reusing {run}")
         else:
-            if not scratch:
+            if name == "sft":
                 # calibrated on the real data: steps 10 to 40 of a throwaway run, read from its
                 # metrics (so loading and tokenizing the data are not counted as step time)
                 probe = out / "sft_probe"
@@ -330,13 +334,21 @@ def run_sentiment_sft(cfg: DemoConfig, out: Path, corpus: dict) -> dict:
                 # run and the learning rate has still decayed (the schedule follows the time used)
                 train.max_minutes = cfg.sft_minutes * 1.2
                 print(f"{train.max_steps} steps of {train.batch_size} conversations fit the budget")
-            label = "from random weights" if scratch else "from the pretrained model"
+            label = {"sft": "from the pretrained model", "sft_scratch": "from random weights",
+                     "sft_lora": "from the pretrained model, LoRA (rank 8, the defaults)"}[name]
             print(f"-- fine-tuning {label}")
-            sft(SFTJob(ckpt=str(out / "pretrain"), data=[str(data)], out=str(run), train=train, from_scratch=scratch))
+            sft(SFTJob(ckpt=str(out / "pretrain"), data=[str(data)], out=str(run),
+                       train=lora_train(train) if lora else train, from_scratch=scratch,
+                       lora=LoraConfig() if lora else None))
         acc, n = sentiment_accuracy(run, corpus["heldout"])
-        results["accuracy_scratch" if scratch else "accuracy_pretrained"] = acc
+        results[{"sft": "accuracy_pretrained", "sft_scratch": "accuracy_scratch", "sft_lora": "accuracy_lora"}[name]] = acc
         results["heldout"] = n
     results["sft_steps"] = train.max_steps
+    results["lora"] = lora_figures(out)
+    print(f"LoRA rank 8: {results['accuracy_lora']:.1%} on held-out reviews against {results['accuracy_pretrained']:.1%} "
+          f"for full fine-tuning; {results['lora']['trainable']:,} of {results['lora']['params']:,} parameters trained "
+          f"({results['lora']['share']:.1%}), adapter {results['lora']['adapter_mb']:.2f} MB vs a full checkpoint "
+          f"of {results['lora']['full_mb']:.2f} MB")
 
     print(f"== {_stage(cfg, 6)} a few chat exchanges with the fine-tuned model")
     engine = Engine.load(out / "sft", "cpu")
@@ -352,6 +364,35 @@ def run_sentiment_sft(cfg: DemoConfig, out: Path, corpus: dict) -> dict:
         print(f"用户> {question}\n助手> {answer}   (label: {rec['label']})\n")
     results["chat"] = exchanges
     return results
+
+
+def lora_train(full):
+    """The LoRA run's settings: the full run's steps, batch and budget, LoRA's default learning rate."""
+    import dataclasses
+
+    from babyllama.finetune.sft import default_sft_train
+
+    defaults = default_sft_train(lora=True)
+    return dataclasses.replace(full, lr=defaults.lr, min_lr=defaults.min_lr, weight_decay=defaults.weight_decay)
+
+
+def lora_figures(out: Path) -> dict:
+    """What LoRA costs and saves in the demo: trainable share, adapter and full checkpoint sizes, time."""
+    from babyllama.checkpoint import find_checkpoint
+
+    def train_seconds(run: Path) -> float:
+        steps = [json.loads(line) for line in (run / "metrics.jsonl").open() if '"loss"' in line]
+        return steps[-1]["time"] if steps else 0.0
+
+    adapter, full = find_checkpoint(out / "sft_lora"), find_checkpoint(out / "sft")
+    from babyllama.report.collect import safetensors_numel
+
+    trainable = safetensors_numel(adapter / "adapter_model.safetensors", skip=("base_model.model.lm_head.weight",))
+    params = safetensors_numel(full / "model.safetensors")
+    return {"trainable": trainable, "params": params, "share": trainable / params,
+            "adapter_mb": (adapter / "adapter_model.safetensors").stat().st_size / 1e6,
+            "full_mb": (full / "model.safetensors").stat().st_size / 1e6,
+            "seconds_lora": train_seconds(out / "sft_lora"), "seconds_full": train_seconds(out / "sft")}
 
 
 def curve_train(n: int, seed: int):
@@ -526,7 +567,9 @@ def evaluate_demo(cfg: DemoConfig, out: Path, corpus: dict, data_dir: Path) -> d
     print(format_table(ppl))
     heldout = write_sentiment_sft(corpus["heldout"], out / "corpus" / "sentiment_heldout.jsonl")
     generation = {}
-    for name in ("sft", "sft_scratch"):
+    for name in ("sft", "sft_scratch", "sft_lora"):
+        if not (out / name).is_dir():
+            continue
         generation[name] = evaluate_generation(GenerationEvalConfig(
             ckpt=str(out / name), data=[str(heldout)], max_samples=DEMO_GEN_SAMPLES, max_new_tokens=8, progress=False))
         print(f"-- {name}: {format_summary(generation[name])}")
@@ -540,13 +583,39 @@ def evaluate_demo(cfg: DemoConfig, out: Path, corpus: dict, data_dir: Path) -> d
         curve = json.loads(curve_json.read_text(encoding="utf-8"))
         sections.append(Section("Learning curve", _curve_markdown(curve),
                                 images=[out / curve["plot"]] if curve.get("plot") else []))
-    paths = write_report([out / "pretrain", out / "sft", out / "sft_scratch"], out=str(out),
+    report_json = out / "report.json"
+    lora = lora_section(out, json.loads(report_json.read_text(encoding="utf-8")) if report_json.is_file() else None)
+    if lora:
+        sections.append(lora)
+    runs = [out / name for name in ("pretrain", "sft", "sft_scratch", "sft_lora") if (out / name).is_dir()]
+    paths = write_report(runs, out=str(out),
                          title="babyllama demo: pretraining, then sentiment fine-tuning", extra_sections=sections)
     return {"perplexity": ppl, "generation": {k: v["metrics"] for k, v in generation.items()},
             "report": {"markdown": str(paths["markdown"]), "html": str(paths["html"])}}
 
 
 DEMO_GEN_SAMPLES = 300  # held-out reviews answered for the generation metrics
+
+
+def lora_section(out: Path, figures: dict | None):
+    """The report's "LoRA against full fine-tuning" section, from the demo's figures (None without them)."""
+    from babyllama.report import Section
+
+    if not (out / "sft_lora").is_dir() or not (out / "sft").is_dir():
+        return None
+    figures = figures or {}
+    lora = figures.get("lora") or lora_figures(out)
+    acc = {k: figures.get(k) for k in ("accuracy_pretrained", "accuracy_lora")}
+    pct = lambda v: f"{v:.1%}" if isinstance(v, float) else "-"  # noqa: E731
+    rows = [["full fine-tuning (sft)", f"{lora['params']:,}", "100%", f"{lora['full_mb']:.2f} MB",
+             f"{lora['seconds_full']:.0f} s", pct(acc["accuracy_pretrained"])],
+            ["LoRA rank 8 (sft_lora)", f"{lora['trainable']:,}", f"{lora['share']:.2%}", f"{lora['adapter_mb']:.2f} MB",
+             f"{lora['seconds_lora']:.0f} s", pct(acc["accuracy_lora"])]]
+    return Section("LoRA against full fine-tuning",
+                   "The same steps on the same reviews from the same pretrained model: every weight trained, "
+                   "or only rank-8 adapters on all seven projections with LoRA's default learning rate. "
+                   "Accuracy: the greedy answer's label on held-out reviews.",
+                   table=(["run", "trained parameters", "share", "checkpoint", "training time", "accuracy"], rows))
 
 
 def _curve_markdown(curve: dict) -> str:

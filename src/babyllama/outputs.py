@@ -56,7 +56,7 @@ RUN = OutputKind("training run", ("run.json", "run_config.toml"),
                   "loss.png", "sft_data.json", "tensorboard", "eval", "environment.json", "report.md", "report.html",
                   "report", ".lock"))
 DEMO = OutputKind("demo directory", ("demo.json", "report.json"),
-                  ("demo.json", "corpus", "tokenizer", "data", "pretrain", "sft", "sft_scratch", "sft_probe",
+                  ("demo.json", "corpus", "tokenizer", "data", "pretrain", "sft", "sft_scratch", "sft_lora", "sft_probe",
                    "samples.json", "loss.png", "report.json", "report.md", "report.html", "report", "curve",
                    "learning_curve.json", "learning_curve.png", ".lock", "*.partial", "*.lock"))
 

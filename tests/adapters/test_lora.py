@@ -32,23 +32,25 @@ def _perturb(model, seed=1):
                 p.mul_(1 + 0.2 * torch.rand(p.shape, generator=g))
             elif p.requires_grad and p.dim() == 1:  # trained norms
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
+            elif p.requires_grad and name == "tok_embeddings.rows":
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
             elif p.requires_grad and "tok_embeddings" in name:
                 p.add_(0.02 * torch.randn(p.shape, generator=g))
     return model
 
 
-def _adapted(targets="all", dora=False, tie=True, train=()):
+def _adapted(targets="all", dora=False, tie=True, train=(), token_rows=()):
     return _perturb(apply_transforms(_base(tie), [LoRA(rank=4, alpha=8, dropout=0.0, targets=targets, dora=dora,
-                                                       train=train)]))
+                                                       train=train, token_rows=token_rows)]))
 
 
 TOKENS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5))
 
 
 @pytest.mark.parametrize("dora", [False, True])
-@pytest.mark.parametrize("targets", ["all", "q,v", "k,up,down"])
-def test_merged_equals_unmerged(targets, dora):
-    model = _adapted(targets, dora)
+@pytest.mark.parametrize("targets,rows", [("all", ()), ("q,v", (4, 5)), ("k,up,down", (7,))])
+def test_merged_equals_unmerged(targets, rows, dora):
+    model = _adapted(targets, dora, token_rows=rows)
     with torch.no_grad():
         before = model(TOKENS)
         merged = merge_adapters(copy.deepcopy(model))
@@ -93,19 +95,35 @@ def test_dora_is_the_paper_formula():
     torch.testing.assert_close(fresh.lora_magnitude["o"].detach(), fresh.base.weight.norm(dim=1).detach())
 
 
-@pytest.mark.parametrize("train", [(), ("norms",), ("norms", "embeddings")])
-def test_gradients_reach_only_what_trains(train):
-    model = apply_transforms(_base(), [LoRA(rank=4, dora=True, train=train)]).train()
+@pytest.mark.parametrize("train,rows", [((), ()), (("norms",), (4, 5)), (("norms", "embeddings"), (4, 5))])
+def test_gradients_reach_only_what_trains(train, rows):
+    model = apply_transforms(_base(), [LoRA(rank=4, dora=True, train=train, token_rows=rows)]).train()
+    assert (type(model.tok_embeddings).__name__ == "TrainedRows") == bool(rows and "embeddings" not in train)
     loss = model(TOKENS, TOKENS)
     loss.backward()
     for name, p in model.named_parameters():
         wanted = ".lora_" in name or ("norms" in train and p.dim() == 1) or \
-            ("embeddings" in train and name == "tok_embeddings.weight")
+            ("embeddings" in train and name == "tok_embeddings.weight") or name == "tok_embeddings.rows"
         assert p.requires_grad == wanted, name
         assert (p.grad is not None) == wanted, name
     trainable, total = count_parameters(model)
     lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
     assert trainable >= lora and (trainable == lora) == (train == ())
+
+
+def test_trained_rows_move_only_their_rows_in_the_embedding_and_the_tied_head():
+    model = _adapted("o", token_rows=(4, 5))
+    base = _base()
+    with torch.no_grad():
+        changed = (model.tok_embeddings.weight - base.tok_embeddings.weight).abs().sum(dim=1).nonzero().flatten()
+        assert changed.tolist() == [4, 5]
+        torch.testing.assert_close(model.output.loss_weight(), model.tok_embeddings.weight)
+        x = torch.randn(3, 64)
+        torch.testing.assert_close(model.output(x), x @ model.tok_embeddings.weight.T)
+    # the fused head + loss takes the trained rows too: the loss equals the logits' cross-entropy
+    logits = model(TOKENS)
+    reference = F.cross_entropy(logits.flatten(0, 1), TOKENS.flatten(), reduction="sum")
+    torch.testing.assert_close(model(TOKENS, TOKENS), reference, rtol=1e-5, atol=1e-3)
 
 
 def test_settings_are_checked_by_name():
@@ -116,6 +134,13 @@ def test_settings_are_checked_by_name():
     with pytest.raises(ConfigError, match="--lora-train: unknown 'head'"):
         LoraConfig(train="head")
     assert LoraConfig(targets="all").targets == ("q", "k", "v", "o", "gate", "up", "down")
+    with pytest.raises(ConfigError, match="--lora-tokens"):
+        LoraConfig(tokens="im_end")
+    assert LoraConfig().token_rows((5, 4)) == [4, 5] and LoraConfig(tokens="none").token_rows((4, 5)) == []
+    assert LoraConfig(tokens="7,3").token_rows((4,)) == [3, 7]
+    assert LoraConfig(train="embeddings").token_rows((4, 5)) == []  # every row trains already
+    with pytest.raises(ConfigError, match="past the vocabulary"):
+        apply_transforms(_base(), [LoRA(token_rows=[256])])
     with pytest.raises(ConfigError, match="already has LoRA adapters"):
         apply_transforms(_adapted(), [LoRA()])
 
@@ -168,16 +193,18 @@ def _peft_model(hf, adapter_dir):
     return peft.PeftModel.from_pretrained(hf, str(adapter_dir)).eval()
 
 
-@pytest.mark.parametrize("dora,tie,train,targets", [
-    (False, True, (), "all"),
-    (True, True, (), "all"),
-    (False, False, ("norms", "embeddings"), "q,v,down"),
-    (True, True, ("norms", "embeddings"), "k,o,up"),
+@pytest.mark.parametrize("dora,tie,train,targets,rows", [
+    (False, True, (), "all", ()),
+    (True, True, (), "all", ()),
+    (False, False, ("norms", "embeddings"), "q,v,down", ()),
+    (True, True, ("norms", "embeddings"), "k,o,up", ()),
+    (False, True, (), "all", (4, 5)),
+    (True, False, ("norms",), "q,v", (3, 9)),
 ])
-def test_peft_loads_our_adapter_and_gives_our_logits(tmp_path, dora, tie, train, targets):
+def test_peft_loads_our_adapter_and_gives_our_logits(tmp_path, dora, tie, train, targets, rows):
     from babyllama.export.hf import to_hf_model
 
-    model = _adapted(targets, dora=dora, tie=tie, train=train)
+    model = _adapted(targets, dora=dora, tie=tie, train=train, token_rows=rows)
     _, ckpt = _save_adapter(tmp_path, model, _base(tie))
     peft_model = _peft_model(to_hf_model(_base(tie)), ckpt)
     with torch.no_grad():
@@ -220,7 +247,8 @@ def test_a_peft_adapter_imports_and_gives_peft_logits(tmp_path, tokenizer):
     tokenizer.save(tmp_path / "base" / "tokenizer")
     torch.manual_seed(3)
     config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj", "o_proj"],
-                             use_dora=True, init_lora_weights=False, modules_to_save=["norm"])
+                             use_dora=True, init_lora_weights=False, modules_to_save=["norm"],
+                             trainable_token_indices=[4, 5])
     peft_model = peft.get_peft_model(to_hf_model(base), config).eval()
     peft_model.save_pretrained(tmp_path / "peft")
     assert main(["lora", "import", "--peft", str(tmp_path / "peft"), "--base", str(tmp_path / "base"),
@@ -231,6 +259,7 @@ def test_a_peft_adapter_imports_and_gives_peft_logits(tmp_path, tokenizer):
         torch.testing.assert_close(ours(tokens), peft_model(tokens).logits, rtol=1e-4, atol=1e-4)
     record = applied(ours)[0]
     assert record["dora"] and record["targets"] == ["q", "v", "o", "up"] and record["alpha"] == 16
+    assert record["token_rows"] == [4, 5] and record["train"] == ["norms"]
     # and back out: merged into plain weights, the same logits
     assert main(["lora", "merge", "--ckpt", str(tmp_path / "imported"), "--out", str(tmp_path / "merged")]) == 0
     merged, ckpt = ckpt_io.load_model(tmp_path / "merged")

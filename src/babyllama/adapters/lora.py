@@ -131,6 +131,45 @@ class LoraLinear(nn.Module):
         return f"targets={self.targets}, rank={self.rank}, scale={self.scale:g}, dora={self.dora}"
 
 
+class TrainedRows(nn.Module):
+    """An embedding whose rows `indices` train while the others stay frozen (PEFT's "trainable
+    tokens"): the chat markers, which a pretrained model never saw and whose rows pretraining's
+    weight decay shrank to nearly zero, so frozen they leave the model unable to end a reply."""
+
+    def __init__(self, base: nn.Embedding, indices: list[int]):
+        super().__init__()
+        self.base = base
+        self.register_buffer("indices", torch.tensor(indices, dtype=torch.long, device=base.weight.device),
+                             persistent=False)
+        self.rows = nn.Parameter(base.weight.detach()[self.indices].clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The embedding matrix in use: the base's, with the trained rows in place."""
+        return self.base.weight.index_copy(0, self.indices, self.rows.to(self.base.weight.dtype))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"rows={self.indices.tolist()}"
+
+
+class TiedRowsHead(nn.Module):
+    """The LM head tied to a `TrainedRows` embedding: the same matrix, trained rows included."""
+
+    def __init__(self, base: nn.Linear, embedding: TrainedRows):
+        super().__init__()
+        self.base = base
+        object.__setattr__(self, "_embedding", embedding)  # a reference, not a submodule: its state is the embedding's
+
+    def loss_weight(self) -> torch.Tensor:  # one matrix: the model's fused head + loss can use it
+        return self._embedding.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._embedding.weight)
+
+
 @register
 class LoRA:
     """The transformation: freeze the model, wrap the targeted projections. With `dora`, DoRA."""
@@ -138,17 +177,20 @@ class LoRA:
     name, order, trains_own_params = "lora", ADAPTER, True
 
     def __init__(self, rank: int = 8, alpha: float = 16.0, dropout: float = 0.05, targets=DEFAULT_LORA_TARGETS,
-                 dora: bool = False, rslora: bool = False, train=()):
-        self.config = LoraConfig(rank, alpha, dropout, targets, dora, rslora, train)
+                 dora: bool = False, rslora: bool = False, train=(), token_rows=()):
+        self.config = LoraConfig(rank, alpha, dropout, targets, dora, rslora, train, tokens="none")
+        self.token_rows = sorted({int(t) for t in token_rows}) if "embeddings" not in self.config.train else []
 
     @classmethod
-    def from_config(cls, cfg: LoraConfig) -> "LoRA":
-        return cls(cfg.rank, cfg.alpha, cfg.dropout, cfg.targets, cfg.dora, cfg.rslora, cfg.train)
+    def from_config(cls, cfg: LoraConfig, chat_ids: tuple[int, ...] = ()) -> "LoRA":
+        """`chat_ids`: the chat markers of the stage's template, trained when cfg.tokens is "chat"."""
+        return cls(cfg.rank, cfg.alpha, cfg.dropout, cfg.targets, cfg.dora, cfg.rslora, cfg.train,
+                   cfg.token_rows(chat_ids))
 
     def settings(self) -> dict[str, Any]:
         c = self.config
         return {"rank": c.rank, "alpha": c.alpha, "dropout": c.dropout, "targets": list(c.targets),
-                "dora": c.dora, "rslora": c.rslora, "train": list(c.train)}
+                "dora": c.dora, "rslora": c.rslora, "train": list(c.train), "token_rows": self.token_rows}
 
     def apply(self, model: nn.Module) -> None:
         c = self.config
@@ -173,6 +215,14 @@ class LoRA:
 
         if replace_modules(model, swap) == 0:
             raise ConfigError("LoRA found no projection to adapt in this model")
+        if self.token_rows:
+            vocab = model.tok_embeddings.weight.shape[0]
+            if max(self.token_rows) >= vocab:
+                raise ConfigError(f"--lora-tokens: id {max(self.token_rows)} is past the vocabulary ({vocab} ids)")
+            tied = model.output.weight is model.tok_embeddings.weight
+            model.tok_embeddings = TrainedRows(model.tok_embeddings, self.token_rows)
+            if tied:
+                model.output = TiedRowsHead(model.output, model.tok_embeddings)
 
     # checkpoints of a LoRA run are PEFT adapter directories (adapters/peft.py)
     @staticmethod
@@ -208,6 +258,12 @@ def merge_adapters(model: nn.Module) -> nn.Module:
         return plain
 
     replace_modules(model, swap)
+    if isinstance(model.tok_embeddings, TrainedRows):
+        rows = model.tok_embeddings
+        rows.base.weight.data[rows.indices] = rows.rows.detach().to(rows.base.weight.dtype)
+        model.tok_embeddings = rows.base
+        if isinstance(model.output, TiedRowsHead):  # tied: the head shares the (now updated) embedding
+            model.output = model.output.base
     unrecord(model, LoRA.name)
     for p in model.parameters():
         p.requires_grad_(True)

@@ -38,7 +38,9 @@ PROJECTION_OF = {t: p for p, ts in PROJECTIONS.items() for t in ts}  # q -> atte
 # fully trained modules (PEFT's modules_to_save): ours -> theirs, with the layer index as {}
 SAVED = {"layers.{}.attention_norm.weight": "model.layers.{}.input_layernorm.weight",
          "layers.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
-         "norm.weight": "model.norm.weight", "tok_embeddings.weight": "model.embed_tokens.weight"}
+         "norm.weight": "model.norm.weight", "tok_embeddings.weight": "model.embed_tokens.weight",
+         # trained rows of the embedding (PEFT's trainable_token_indices): the new rows, not a difference
+         "tok_embeddings.rows": "model.embed_tokens.token_adapter.trainable_tokens_delta"}
 TIED_HEAD = PREFIX + "lm_head.weight"
 SAVED_MODULES = {"norms": ["input_layernorm", "post_attention_layernorm", "norm"], "embeddings": ["embed_tokens"]}
 _OURS = re.compile(r"layers\.(\d+)\.(attention\.wqkv|attention\.wo|feed_forward\.w13|feed_forward\.w2)\."
@@ -88,7 +90,7 @@ def peft_config(settings: dict[str, Any], model_config, base: str | None) -> dic
             "target_modules": sorted(HF_MODULE[t].split(".")[-1] for t in settings["targets"]),
             "use_dora": settings["dora"], "use_rslora": settings["rslora"], "bias": "none",
             "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
-            "modules_to_save": saved or None,
+            "modules_to_save": saved or None, "trainable_token_indices": settings.get("token_rows") or None,
             # a trained embedding must stay tied to the LM head in PEFT too, as it is in our model
             "ensure_weight_tying": bool(model_config.tie_embeddings and "embeddings" in settings.get("train", []))}
 
@@ -130,7 +132,7 @@ def settings_from_peft(directory: Path) -> dict[str, Any]:
         raise refuse(f"peft_type {cfg.get('peft_type')!r} is not LORA")
     for key, plain in (("bias", "none"), ("fan_in_fan_out", False), ("lora_bias", False), ("rank_pattern", {}),
                        ("alpha_pattern", {}), ("layers_to_transform", None), ("layer_replication", None),
-                       ("target_parameters", None), ("trainable_token_indices", None)):
+                       ("target_parameters", None)):
         if cfg.get(key) is not None and cfg.get(key) != plain:
             raise refuse(f"{key} = {cfg.get(key)!r} is not supported")
     targets = cfg.get("target_modules")
@@ -146,8 +148,14 @@ def settings_from_peft(directory: Path) -> dict[str, Any]:
     strange = [m for m in saved if not any(m in modules for modules in SAVED_MODULES.values())]
     if strange:
         raise refuse(f"modules_to_save {strange} are not norms or embed_tokens")
+    rows = cfg.get("trainable_token_indices") or []
+    if isinstance(rows, dict):
+        if set(rows) - {"embed_tokens"}:
+            raise refuse(f"trainable_token_indices for {sorted(set(rows) - {'embed_tokens'})} (only embed_tokens)")
+        rows = rows.get("embed_tokens", [])
     config = LoraConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0.0)),
                         targets=tuple(TARGET_OF[t.split(".")[-1]] for t in targets), dora=bool(cfg.get("use_dora")),
                         rslora=bool(cfg.get("use_rslora")), train=tuple(extras))
     return {"rank": config.rank, "alpha": config.alpha, "dropout": config.dropout, "targets": list(config.targets),
-            "dora": config.dora, "rslora": config.rslora, "train": list(config.train)}
+            "dora": config.dora, "rslora": config.rslora, "train": list(config.train),
+            "token_rows": sorted(int(r) for r in rows)}

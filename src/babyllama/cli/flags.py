@@ -150,6 +150,9 @@ def add_lora_flags(p: argparse.ArgumentParser, what: str) -> None:
                    help="projections that get adapters: q,k,v,o,gate,up,down or all (default all)")
     g.add_argument("--lora-train", metavar="LIST",
                    help="also train these in full: norms, embeddings (default: nothing else)")
+    g.add_argument("--lora-tokens", metavar="chat|none|IDS",
+                   help="embedding rows that train too (default chat: sft trains the chat markers' rows, which "
+                        "pretraining never saw; without them the model cannot learn to end its reply)")
 
 
 # --- inference --------------------------------------------------------------------------------

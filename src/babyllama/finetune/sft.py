@@ -110,8 +110,8 @@ def _build(job: SFTJob, env) -> StageParts:
     if job.from_scratch:
         torch.manual_seed(job.train.seed)
         model.reset_parameters()
-    base = attach_lora(model, job.lora, src_ckpt, job.train.seed)
     template = ChatTemplate(tok)
+    base = attach_lora(model, job.lora, src_ckpt, job.train.seed, chat_ids=(template.start_id, template.end_id))
     cfg = model.config
     train, val, report = load_sft_samples(job.data, template, cfg.max_seq_len + 1, job.layout, job.val_fraction,
                                           job.on_error, show, encoding=job.encoding)

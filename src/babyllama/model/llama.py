@@ -187,8 +187,12 @@ class Llama(nn.Module):
         if reduction not in ("sum", "none"):
             raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
         rows, flat = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
-        if type(self.output) is nn.Linear:  # a plain head: fused with the loss, no full logits
-            loss = linear_cross_entropy(rows, self.output.weight, flat, reduction=reduction)
+        # a plain head, or a transformed one that is still one matrix and offers it (`loss_weight()`):
+        # fused with the loss, no full logits
+        weight = self.output.weight if type(self.output) is nn.Linear else \
+            getattr(self.output, "loss_weight", lambda: None)()
+        if weight is not None:
+            loss = linear_cross_entropy(rows, weight, flat, reduction=reduction)
         else:  # a transformed head (adapter, quantized): its own forward, full logits
             loss = F.cross_entropy(self.output(rows).float(), flat, ignore_index=IGNORE_INDEX, reduction=reduction)
         return loss if reduction == "sum" else loss.view(targets.shape)

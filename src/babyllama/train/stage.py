@@ -140,9 +140,10 @@ def run_environment(trainer: Trainer) -> dict:
             "world size": trainer.env.world_size}
 
 
-def attach_lora(model, lora: LoraConfig | None, source, seed: int) -> str | None:
+def attach_lora(model, lora: LoraConfig | None, source, seed: int, chat_ids: tuple[int, ...] = ()) -> str | None:
     """Apply LoRA/DoRA (when asked) to the model loaded from `source`; returns the base checkpoint
-    its adapter checkpoints complete (None without LoRA)."""
+    its adapter checkpoints complete (None without LoRA). `chat_ids`: the chat markers of a stage
+    that trains on conversations (their embedding rows train too, unless lora.tokens says otherwise)."""
     if lora is None:
         return None
     from babyllama.adapters import LoRA
@@ -153,7 +154,7 @@ def attach_lora(model, lora: LoraConfig | None, source, seed: int) -> str | None
         raise CheckpointError(f"{source} is itself an adapter; fold it into plain weights first "
                               f"(babyllama lora merge --ckpt ... --out DIR) and train the new adapter on DIR")
     torch.manual_seed(seed)  # the A matrices' initialisation
-    apply_transforms(model, [LoRA.from_config(lora)])
+    apply_transforms(model, [LoRA.from_config(lora, chat_ids)])
     return str(source)
 
 
@@ -166,6 +167,7 @@ def describe_lora(model) -> str:
         return ""
     trainable, total = count_parameters(model)
     kind = "DoRA" if record["dora"] else "LoRA"
+    extras = list(record["train"]) + ([f"embedding rows {record['token_rows']}"] if record.get("token_rows") else [])
     return (f"\n{kind} rank {record['rank']}, alpha {record['alpha']:g} on {','.join(record['targets'])}"
-            f"{' + ' + ','.join(record['train']) if record['train'] else ''}: {trainable:,} of {total:,} "
+            f"{' + ' + ', '.join(extras) if extras else ''}: {trainable:,} of {total:,} "
             f"parameters train ({100 * trainable / total:.2f}%)")
