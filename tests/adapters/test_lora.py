@@ -56,6 +56,7 @@ def test_merged_equals_unmerged(targets, rows, dora):
         merged = merge_adapters(copy.deepcopy(model))
         after = merged(TOKENS)
     assert not any(isinstance(m, LoraLinear) for m in merged.modules()) and applied(merged) == []
+    assert merged.config.tie_embeddings == (targets != "all")  # an adapter on the head unties it
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
     assert (before - _base()(TOKENS)).abs().max() > 1e-3  # the adapter changed something
 
@@ -133,7 +134,7 @@ def test_settings_are_checked_by_name():
         LoraConfig(rank=0)
     with pytest.raises(ConfigError, match="--lora-train: unknown 'head'"):
         LoraConfig(train="head")
-    assert LoraConfig(targets="all").targets == ("q", "k", "v", "o", "gate", "up", "down")
+    assert LoraConfig(targets="all").targets == ("q", "k", "v", "o", "gate", "up", "down", "head") == LoraConfig().targets
     with pytest.raises(ConfigError, match="--lora-tokens"):
         LoraConfig(tokens="im_end")
     assert LoraConfig().token_rows((5, 4)) == [4, 5] and LoraConfig(tokens="none").token_rows((4, 5)) == []
@@ -276,7 +277,7 @@ def test_peft_adapters_we_cannot_reproduce_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="bias = 'all' is not supported"):
         settings_from_peft(tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["lm_head"]}))
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["embed_tokens"]}))
     with pytest.raises(ConfigError, match="target_modules"):
         settings_from_peft(tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))

@@ -59,7 +59,8 @@ def test_lora_sft_learns_saves_only_the_adapter_and_every_stage_takes_it(base_ru
     assert not (ckpt / "model.safetensors").exists()
     adapter = load_file(str(ckpt / "adapter_model.safetensors"))
     rows = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"  # the chat markers' rows
-    assert all(".lora_A." in k or ".lora_B." in k for k in adapter if k != rows) and len(adapter) == 2 * 7 * 2 + 1
+    assert all(".lora_A." in k or ".lora_B." in k for k in adapter if k != rows) and len(adapter) == 2 * 7 * 2 + 2 + 1
+    assert "base_model.model.lm_head.lora_B.weight" in adapter
     assert adapter[rows].shape == (2, 64)
     assert json.loads((ckpt / "config.json").read_text())["base"] == str(ckpt_io.find_checkpoint(base_run))
     config = (out / "run_config.toml").read_text()

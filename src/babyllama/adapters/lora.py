@@ -26,6 +26,7 @@ folds every adapter into plain weights (the model is then an ordinary `Llama` ag
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -115,6 +116,20 @@ class LoraLinear(nn.Module):
                 pieces.append(rows + (g - 1) * F.linear(dropped, w) + g * updates[t])
         return torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
 
+    def loss_weight(self) -> torch.Tensor:
+        """The weight this module computes with, differentiable in the adapter (one matrix, so the
+        model's fused head + loss can use it when LoRA adapts the LM head)."""
+        w = self.base.weight
+        pieces = []
+        for t, (start, end) in self.slices.items():
+            rows = w[start:end]
+            if t in self.targets:
+                rows = rows + self.delta(t).to(w.dtype)
+                if self.dora:
+                    rows = rows * (self.lora_magnitude[t] / rows.detach().norm(dim=1))[:, None].to(w.dtype)
+            pieces.append(rows)
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """The base weight with every update folded in (float32 arithmetic, the base's dtype)."""
@@ -163,6 +178,10 @@ class TiedRowsHead(nn.Module):
         self.base = base
         object.__setattr__(self, "_embedding", embedding)  # a reference, not a submodule: its state is the embedding's
 
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._embedding.weight
+
     def loss_weight(self) -> torch.Tensor:  # one matrix: the model's fused head + loss can use it
         return self._embedding.weight
 
@@ -204,6 +223,9 @@ class LoRA:
                 p.requires_grad_(True)
 
         def swap(name: str, module: nn.Module):
+            if name == "output" and "head" in c.targets and type(module) is nn.Linear:
+                return LoraLinear(module, {"head": (0, module.weight.shape[0])}, ["head"], c.rank, c.scale,
+                                  c.dropout, c.dora).train(model.training)
             projection = name.split(".", 2)[-1] if name.startswith("layers.") else None
             if projection not in PROJECTIONS or type(module) is not nn.Linear:
                 return None
@@ -213,15 +235,17 @@ class LoRA:
             return LoraLinear(module, projection_slices(model.config, projection), wanted, c.rank, c.scale,
                               c.dropout, c.dora).train(model.training)  # new modules follow the model's mode
 
+        tied = model.output.weight is model.tok_embeddings.weight
         if replace_modules(model, swap) == 0:
             raise ConfigError("LoRA found no projection to adapt in this model")
         if self.token_rows:
             vocab = model.tok_embeddings.weight.shape[0]
             if max(self.token_rows) >= vocab:
                 raise ConfigError(f"--lora-tokens: id {max(self.token_rows)} is past the vocabulary ({vocab} ids)")
-            tied = model.output.weight is model.tok_embeddings.weight
             model.tok_embeddings = TrainedRows(model.tok_embeddings, self.token_rows)
-            if tied:
+            if tied and isinstance(model.output, LoraLinear):  # the head's adapter over the trained rows
+                model.output.base = TiedRowsHead(model.output.base, model.tok_embeddings)
+            elif tied:
                 model.output = TiedRowsHead(model.output, model.tok_embeddings)
 
     # checkpoints of a LoRA run are PEFT adapter directories (adapters/peft.py)
@@ -246,6 +270,14 @@ def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
 def merge_adapters(model: nn.Module) -> nn.Module:
     """Fold every LoRA/DoRA update into its projection's weight, in place: the model is plain again
     (nn.Linear projections, no LoRA record), with every parameter trainable as a fresh model's."""
+
+    if isinstance(model.output, LoraLinear):
+        # the head's own weight from now on: a tied model's head no longer equals its embedding
+        merged = model.output.merged_weight()
+        model.output = nn.Linear(merged.shape[1], merged.shape[0], bias=False, device=merged.device, dtype=merged.dtype)
+        model.output.weight.data = merged
+        if model.config.tie_embeddings:
+            model.config = dataclasses.replace(model.config, tie_embeddings=False)
 
     def swap(name: str, module: nn.Module):
         if not isinstance(module, LoraLinear):

@@ -32,9 +32,10 @@ from babyllama.config import LORA_TARGETS as TARGETS, ConfigError, LoraConfig
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
 HF_MODULE = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj", "head": "lm_head"}
 TARGET_OF = {module.split(".")[-1]: target for target, module in HF_MODULE.items()}  # q_proj -> q
 PROJECTION_OF = {t: p for p, ts in PROJECTIONS.items() for t in ts}  # q -> attention.wqkv
+PROJECTION_OF["head"] = "output"
 # fully trained modules (PEFT's modules_to_save): ours -> theirs, with the layer index as {}
 SAVED = {"layers.{}.attention_norm.weight": "model.layers.{}.input_layernorm.weight",
          "layers.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
@@ -52,7 +53,12 @@ def _saved_pattern(template: str) -> re.Pattern:
     return re.compile(re.escape(template).replace(r"\{\}", r"(\d+)"))
 
 
+_HEAD_KINDS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}
+
+
 def to_peft_name(name: str) -> str:
+    if name.startswith("output.") and name.endswith(".head"):  # LoRA on the LM head: PEFT's lm_head
+        return f"{PREFIX}lm_head.{_HEAD_KINDS[name.split('.')[1]]}"
     m = _OURS.fullmatch(name)
     if m:
         layer, _, kind, target = m.groups()
@@ -68,6 +74,9 @@ def to_peft_name(name: str) -> str:
 
 def from_peft_name(name: str) -> str:
     plain = name.removeprefix(PREFIX)
+    for ours, theirs in _HEAD_KINDS.items():
+        if plain == f"lm_head.{theirs}":
+            return f"output.{ours}.head"
     m = _THEIRS.fullmatch(plain)
     if m and m.group(3) in TARGET_OF:
         layer, _, module, kind = m.groups()
