@@ -219,12 +219,14 @@ def test_peft_gradients_equal_ours(tmp_path, dora):
     from babyllama.adapters.peft import to_peft_name
     from babyllama.export.hf import to_hf_model
 
-    model = _adapted("q,v,gate,down", dora=dora)
+    # the head goes through the fused loss; PEFT 0.21 cannot put DoRA on a head whose rows also train
+    model = _adapted("q,v,gate,down,head", dora=dora, token_rows=() if dora else (4, 5))
     _, ckpt = _save_adapter(tmp_path, model, _base())
     peft_model = _peft_model(to_hf_model(_base()), ckpt)
     for p in peft_model.parameters():
         p.requires_grad_(False)
-    theirs = {n.replace(".default", ""): p for n, p in peft_model.named_parameters() if "lora_" in n}
+    theirs = {n.replace(".default", ""): p for n, p in peft_model.named_parameters()
+              if "lora_" in n or "trainable_tokens_delta" in n}
     for p in theirs.values():
         p.requires_grad_(True)
     targets = TOKENS.roll(-1, 1)
@@ -233,6 +235,7 @@ def test_peft_gradients_equal_ours(tmp_path, dora):
     for name, p in model.named_parameters():
         if p.requires_grad:
             peft_name = to_peft_name(name).replace("lora_magnitude_vector", "lora_magnitude_vector.weight")
+            peft_name = peft_name.replace(".weight.weight", ".weight")
             torch.testing.assert_close(theirs[peft_name].grad, p.grad, rtol=1e-4, atol=1e-5)
 
 
