@@ -8,12 +8,13 @@ three start from the same weights (the same seed builds the same `Llama`):
 - ours full: full fine-tuning, for scale. The real step of the training loop,
   `Trainer.train_step()`, fed from an in-memory batch source, as bench/train_vs_hf.py does.
 - ours lora: the same Trainer step after `apply_transforms(model, [LoRA(rank=8, alpha=16,
-  dropout=0.05)])`, which freezes the model and adapts all seven projections (q, k, v, o, gate,
+  dropout=0.05)])`, which freezes the model and adapts its default eight targets: the LM head and the
+  seven projections of every block (q, k, v, o, gate,
   up, down). Our projections stay fused (q/k/v in one matmul, gate/up in one), each target owning
   its rows; one dropout of the input serves every slice of a fused projection.
 - peft lora: `to_hf_model` turns the same model into a stock `transformers.LlamaForCausalLM`
   (use_cache off), `peft.get_peft_model` adds the same adapters (r 8, alpha 16, dropout 0.05, the
-  seven *_proj modules); the step is `model(input_ids=x, labels=x).loss`, backward,
+  seven *_proj modules and lm_head); the step is `model(input_ids=x, labels=x).loss`, backward,
   `clip_grad_norm_` over the trainable parameters, optimizer step, `zero_grad(set_to_none=True)`.
   HF shifts the labels itself, so its loss covers 255 of the 256 positions against our 256: the
   forward and backward passes do the same work.
@@ -74,7 +75,8 @@ CONFIGS = {
 KINDS = ("ours_full", "ours_lora", "peft_lora")
 LABEL = {"ours_full": "ours full", "ours_lora": "ours lora", "peft_lora": "peft lora"}
 RANK, ALPHA, DROPOUT = 8, 16.0, 0.05
-PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# our defaults: the seven projections of every block and the LM head (PEFT's lm_head)
+PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 LR, BETAS, WEIGHT_DECAY = 6e-4, (0.9, 0.95), 0.1  # TrainConfig's defaults, which ours trains with
 
 
@@ -119,7 +121,7 @@ def our_model(mcfg, lora: bool):
 
 
 def peft_model(mcfg):
-    """Our model (same seed, same weights) as a stock HF Llama with PEFT's LoRA on the seven projections."""
+    """Our model (same seed, same weights) as a stock HF Llama with PEFT's LoRA on the same eight targets."""
     import gc
 
     import peft
@@ -290,7 +292,7 @@ def table(results: list[dict], threads: int) -> str:
 
     return (f"### LoRA fine-tuning step: ours vs PEFT {_version('peft')} (transformers {_version('transformers')}), "
             f"float32, {threads} threads, {cpu_model()} ({platform.machine()}, {os.cpu_count()} CPUs); "
-            f"LoRA r {RANK}, alpha {ALPHA:g}, dropout {DROPOUT} on q,k,v,o,gate,up,down; median of all timed steps "
+            f"LoRA r {RANK}, alpha {ALPHA:g}, dropout {DROPOUT} on q,k,v,o,gate,up,down,head; median of all timed steps "
             f"(each kind in its own process, rounds interleaved; goal: ours lora >= 1.3x peft lora)\n\n"
             + markdown_table(headers, rows))
 
