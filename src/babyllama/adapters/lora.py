@@ -19,9 +19,14 @@ its slice: `wqkv` with targets q and v has adapters for rows [0, q) and [q+k, q+
 matmul computes every slice's A x (the A's stacked), then each slice's B. An adapter of ours is
 thus the same adapter PEFT would train on the unfused model (adapters/peft.py only renames).
 
+The LM head is a target too (`head`, on by default): a small model's frozen, tied head limits how
+far apart the logits of two answers can move. `TrainedRows` trains chosen rows of the embedding
+(the chat markers in SFT, which pretraining never showed); a tied head reads the same rows.
+
 `LoRA(rank=8, ...)` is a registered transformation (transforms.py): it freezes the model, wraps the
 targeted `nn.Linear`s in `LoraLinear` and leaves the model class untouched. `merge_adapters`
-folds every adapter into plain weights (the model is then an ordinary `Llama` again).
+folds every adapter into plain weights (the model is then an ordinary `Llama` again; an adapted
+head of a tied model becomes a head of its own).
 """
 
 from __future__ import annotations
