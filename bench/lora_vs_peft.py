@@ -53,6 +53,7 @@ import time
 from typing import NamedTuple
 
 from bench.common import emit, markdown_table, median, peak_rss_mb, run_worker
+from bench.train_vs_hf import RandomBatches  # the training loop's batch source over random tokens
 
 
 class Setup(NamedTuple):
@@ -78,28 +79,6 @@ RANK, ALPHA, DROPOUT = 8, 16.0, 0.05
 # our defaults: the seven projections of every block and the LM head (PEFT's lm_head)
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 LR, BETAS, WEIGHT_DECAY = 6e-4, (0.9, 0.95), 0.1  # TrainConfig's defaults, which ours trains with
-
-
-class RandomBatches:
-    """The training loop's BatchSource protocol over random tokens made on the fly."""
-
-    def __init__(self, vocab: int, batch: int, seq: int, seed: int = 0):
-        import torch
-
-        self.vocab, self.batch, self.seq = vocab, batch, seq
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def next_batch(self):
-        import torch
-
-        t = torch.randint(self.vocab, (self.batch, self.seq + 1), generator=self.gen)
-        return t[:, :-1], t[:, 1:]
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 def count_params(model) -> tuple[int, int]:
