@@ -250,8 +250,11 @@ def test_inference_flags_reach_the_loader(stage, tmp_path, monkeypatch):
     monkeypatch.setattr(Engine, "load", fake_load)
     with pytest.raises(_Stop):
         main(stage + ["--ckpt", str(tmp_path), "--device", "cpu", "--dtype", "bfloat16", "--threads", "1",
-                      "--no-compile", "--allow-unverified", "--debug"])
-    assert calls == [(str(tmp_path), "cpu", {"compile_step": False, "allow_unverified": True, "dtype": "bfloat16"})]
+                      "--no-compile", "--allow-unverified", "--rope-scaling", "yarn", "--rope-factor", "4", "--debug"])
+    from babyllama.config import RopeScaling
+
+    assert calls == [(str(tmp_path), "cpu", {"compile_step": False, "allow_unverified": True, "dtype": "bfloat16",
+                                             "rope": RopeScaling("yarn", 4.0)})]
 
 
 @pytest.mark.parametrize("stage", [["generate", "--prompt", "x"], ["chat"]])

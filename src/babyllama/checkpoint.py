@@ -265,9 +265,10 @@ def load_state_file(ckpt: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights(model: torch.nn.Module, ckpt: Path, partial: bool = False) -> None:
+def load_weights(model: torch.nn.Module, ckpt: Path, partial: bool = False, fresh: tuple[str, ...] = ()) -> None:
     """Load `ckpt`'s weights into `model`; `partial`: the checkpoint holds only some of them (an
-    adapter's), and every one it holds must fit."""
+    adapter's), and every one it holds must fit; `fresh`: name prefixes of new parameters it may
+    lack (CLEX's ODE, added to a model trained without it), which keep their initial values."""
     state = load_state_file(ckpt)
     own = model.state_dict()
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
@@ -279,6 +280,7 @@ def load_weights(model: torch.nn.Module, ckpt: Path, partial: bool = False) -> N
     missing, unexpected = model.load_state_dict(state, strict=False)
     if partial:
         missing = []
+    missing = [k for k in missing if not k.startswith(fresh)] if fresh else missing
     if missing or unexpected:
         raise CheckpointError(f"{ckpt}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
@@ -305,8 +307,9 @@ def load_training_state(ckpt: Path) -> tuple[dict | None, dict | None]:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", allow_unverified: bool = False,
-               base: str | Path | None = None, merge: bool = False):
+               base: str | Path | None = None, merge: bool = False, rope=None):
     """(model, checkpoint dir) from a run directory or checkpoint directory, ready for inference.
+    `rope` (a config.RopeScaling) replaces the RoPE scaling the checkpoint records.
     The transformations the checkpoint records are applied again before its weights are loaded;
     an adapter checkpoint loads its base checkpoint's weights first (`base` overrides where that
     is; either way its weights must be the ones the adapter was trained on). `merge` folds
@@ -329,6 +332,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", allow_unver
     load_weights(model, ckpt, partial=bool(meta.get("base")))
     if merge:
         babyllama.adapters.merge_adapters(model)
+    if rope is not None:
+        from babyllama.model.rope import rescale_rope
+
+        rescale_rope(model, rope.kind, rope.factor, rope.original, rope.max_len)
     return model.to(device).eval(), ckpt
 
 

@@ -33,7 +33,11 @@ FLAGS = {
     "train.seed": "--seed", "train.parallel": "--parallel", "train.deepspeed": "--deepspeed",
     "lora.rank": "--lora-rank", "lora.alpha": "--lora-alpha", "lora.dropout": "--lora-dropout",
     "lora.targets": "--lora-targets", "lora.train": "--lora-train", "lora.tokens": "--lora-tokens",
+    "model.max_seq_len": "--seq-len", "model.rope_scaling": "--rope-scaling", "model.rope_factor": "--rope-factor",
+    "model.rope_original_len": "--original-max-len", "train.s2_group_size": "--s2-group-size",
 }
+# RoPE scalings for a longer context (model/rope.py has the formulas); dynamic ones follow the length
+ROPE_SCALINGS = ("none", "linear", "ntk", "dynamic-ntk", "yarn", "clex")
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 DEVICE_SYNTAX = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 PARALLEL = ("ddp", "fsdp")
@@ -101,6 +105,12 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     dropout: float = 0.0
+    # longer context than trained: none | linear | ntk | dynamic-ntk | yarn | clex (model/rope.py)
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0  # how many times the original length (clex: the largest scale trained)
+    rope_original_len: int = 0  # the length the model was trained at before scaling; 0 = max_seq_len
+    rope_beta_fast: float = 32.0  # YaRN: dimensions turning more often than this over the original length are kept
+    rope_beta_slow: float = 1.0  # YaRN: dimensions turning less often than this are fully interpolated
 
     def __post_init__(self) -> None:
         self.validate()
@@ -120,6 +130,14 @@ class ModelConfig:
         check_float("model.rope_theta", self.rope_theta, 0, low_open=True)
         _check_bool("model.tie_embeddings", self.tie_embeddings)
         check_float("model.dropout", self.dropout, 0, 1, high_open=True)
+        _check_choice("model.rope_scaling", self.rope_scaling, ROPE_SCALINGS)
+        check_float("model.rope_factor", self.rope_factor, 1)
+        check_int("model.rope_original_len", self.rope_original_len, 0, note=" (0 = model.max_seq_len)")
+        check_float("model.rope_beta_fast", self.rope_beta_fast, 0, low_open=True)
+        check_float("model.rope_beta_slow", self.rope_beta_slow, 0, low_open=True)
+        if self.rope_beta_slow > self.rope_beta_fast:
+            raise ConfigError(f"model.rope_beta_slow ({self.rope_beta_slow}) must not exceed model.rope_beta_fast "
+                              f"({self.rope_beta_fast})")
         if self.n_kv_heads == 0:
             self.n_kv_heads = self.n_heads
         if self.hidden_dim == 0:
@@ -136,6 +154,22 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def trained_len(self) -> int:
+        """The context the weights were trained at before any RoPE scaling."""
+        return self.rope_original_len or self.max_seq_len
+
+    def with_rope_scaling(self, kind: str, factor: float = 1.0, original: int | None = None,
+                          max_seq_len: int | None = None) -> "ModelConfig":
+        """A copy scaled for a longer context. `original` defaults to the length these weights were
+        trained at (recorded, never guessed); the context becomes `max_seq_len`, by default the
+        larger of the current one and original x factor."""
+        original = original or self.trained_len
+        if max_seq_len is None:
+            max_seq_len = max(self.max_seq_len, math.ceil(original * factor)) if kind != "none" else self.max_seq_len
+        return dataclasses.replace(self, rope_scaling=kind, rope_factor=float(factor), max_seq_len=max_seq_len,
+                                   rope_original_len=original if kind != "none" else 0)
 
     def num_params(self, include_embedding: bool = True) -> int:
         """Parameter count computed from the shape (matches the built model)."""
@@ -156,6 +190,32 @@ class ModelConfig:
         matmul_params = self.num_params(include_embedding=False) + (self.vocab_size * self.dim if self.tie_embeddings else 0)
         attention = 6 * self.n_layers * self.dim * seq_len  # QK^T and AV, causal half counted in full as is customary
         return 6 * matmul_params + attention
+
+
+@dataclass
+class RopeScaling:
+    """A RoPE scaling chosen when a trained model is used (--rope-scaling, --rope-factor,
+    --original-max-len): it replaces the one the checkpoint records. `original` None: the length
+    the checkpoint was trained at; `max_len` None: original x factor (or the model's, if longer)."""
+
+    kind: str
+    factor: float = 1.0
+    original: int | None = None
+    max_len: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("--rope-scaling", self.kind, ROPE_SCALINGS)
+        check_float("--rope-factor", self.factor, 1)
+        if self.original is not None:
+            check_int("--original-max-len", self.original, 2)
+        if self.max_len is not None:
+            check_int("the context length", self.max_len, 2)
+        if self.kind != "none" and self.factor == 1 and self.kind != "clex":
+            raise ConfigError(f"--rope-scaling {self.kind} needs --rope-factor > 1 (how many times the "
+                              f"trained length to reach)")
+
+    def apply(self, cfg: "ModelConfig") -> "ModelConfig":
+        return cfg.with_rope_scaling(self.kind, self.factor, self.original, self.max_len)
 
 
 @dataclass
@@ -185,6 +245,8 @@ class TrainConfig:
     deepspeed: str = ""  # a DeepSpeed JSON config: use its ZeRO engine instead of ddp/fsdp
     max_minutes: float = 0.0  # stop (with a checkpoint) after this many minutes; 0 = no limit
     tensorboard: bool = False
+    # LongLoRA's shifted sparse attention while training: groups of this many tokens (0 = full attention)
+    s2_group_size: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -216,6 +278,9 @@ class TrainConfig:
         _check_str("train.deepspeed", self.deepspeed)
         check_float("train.max_minutes", self.max_minutes, 0, note=" (0 = no limit)")
         _check_bool("train.tensorboard", self.tensorboard)
+        check_int("train.s2_group_size", self.s2_group_size, 0, note=" (0 = full attention)")
+        if self.s2_group_size % 2:
+            raise ConfigError(f"train.s2_group_size must be even (half a group is the shift), got {self.s2_group_size}")
 
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "head")  # the projections LoRA can adapt

@@ -41,7 +41,7 @@ def naive_forward(model: Llama, tokens: torch.Tensor) -> torch.Tensor:
     cfg = model.config
     x = model.tok_embeddings(tokens)
     B, T, _ = x.shape
-    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    cos, sin = model.rope.cos[:T], model.rope.sin[:T]
 
     def rms(x, w):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * w

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from babyllama.cli.flags import Default, add_encoding_flag, add_layout_flag
+from babyllama.cli.flags import Default, add_encoding_flag, add_layout_flag, add_rope_flags, rope_from_args
 
 
 def _ppl_config():
@@ -28,7 +28,7 @@ def cmd_eval_ppl(args) -> None:
     cfg = PerplexityConfig(ckpt=args.ckpt, data=args.data, lengths=_lengths(args.lengths or ""), stride=args.stride,
                            split=args.split, max_tokens=args.max_tokens, batch_size=args.batch_size,
                            device=args.device, dtype=args.dtype, layout=args.layout, encoding=args.encoding,
-                           allow_unverified=args.allow_unverified, out=args.out)
+                           allow_unverified=args.allow_unverified, out=args.out, rope=rope_from_args(args))
     _set_threads(args)
     result = perplexity(cfg)
     print(format_table(result))
@@ -43,6 +43,7 @@ def _add_model_flags(p, config, dtype_help: str) -> None:
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
     p.add_argument("--allow-unverified", action="store_true",
                    help="load a checkpoint that has no checksums.json (not written by babyllama)")
+    add_rope_flags(p)
 
 
 def _set_threads(args) -> None:
@@ -65,7 +66,7 @@ def _add_ppl(group) -> None:
                          formatter_class=argparse.RawDescriptionHelpFormatter,
                          description="Scores the same tokens at every --lengths value with sliding windows "
                                      "(every token but the first\nscored once); lengths past the model's "
-                                     "trained context extend its rotary tables (no scaling).\nBits per character "
+                                     "trained context extend its rotary tables (with --rope-scaling, scaled).\nBits per character "
                                      "and per byte do not depend on the tokenizer. Results go to RUN/eval/ppl-DATA.json\n"
                                      "when --ckpt is a run directory (or to --out).")
     p.add_argument("--ckpt", required=True, help="run directory (newest checkpoint) or checkpoint directory")
@@ -100,7 +101,7 @@ def cmd_eval_gen(args) -> None:
                                encoding=args.encoding, on_error=args.on_error, device=args.device, dtype=args.dtype,
                                allow_unverified=args.allow_unverified, out=args.out, temperature=args.temperature,
                                top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                               seed=args.seed)
+                               seed=args.seed, rope=rope_from_args(args))
     _set_threads(args)
     result = evaluate_generation(cfg)
     print(format_summary(result))
@@ -159,7 +160,8 @@ def cmd_eval_mc(args) -> None:
 
     cfg = MultipleChoiceConfig(ckpt=args.ckpt, data=args.data, shots=args.shots, split=args.split, score=args.score,
                                batch_size=args.batch_size, max_questions=args.max_questions, device=args.device,
-                               dtype=args.dtype, allow_unverified=args.allow_unverified, out=args.out)
+                               dtype=args.dtype, allow_unverified=args.allow_unverified, out=args.out,
+                               rope=rope_from_args(args))
     _set_threads(args)
     for result in evaluate_multiple_choice(cfg):
         print(format_result(result))

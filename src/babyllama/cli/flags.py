@@ -155,6 +155,43 @@ def add_lora_flags(p: argparse.ArgumentParser, what: str) -> None:
                         "pretraining never saw; without them the model cannot learn to end its reply)")
 
 
+# --- long context -----------------------------------------------------------------------------
+
+ROPE_HELP = ("none (the angles extrapolate), linear (position interpolation), ntk (NTK-aware base), "
+             "dynamic-ntk (NTK grown with the current length), yarn (NTK-by-parts + attention temperature), "
+             "clex (learned, see `pretrain --rope-scaling clex`)")
+
+
+def add_rope_flags(p: argparse.ArgumentParser, training: bool = False):
+    """RoPE scaling for a longer context than trained: the same three flags for every stage that
+    runs a model (model/rope.py has the formulas)."""
+    g = p.add_argument_group("long context (RoPE scaling)")
+    default = "none" if training else "the checkpoint's own"
+    g.add_argument("--rope-scaling", metavar="KIND",
+                   help=f"{ROPE_HELP} (default: {default})")
+    g.add_argument("--rope-factor", type=float, metavar="F",
+                   help="how many times the trained length to reach, e.g. 4 for 256 -> 1024 (clex: the largest "
+                        "scale trained)")
+    g.add_argument("--original-max-len", type=int, metavar="N",
+                   help="the length the model was trained at (default: the one the checkpoint records; "
+                        "never guessed)")
+    return g
+
+
+def rope_from_args(args):
+    """The config.RopeScaling the flags ask for, or None (the checkpoint's own)."""
+    if args.rope_scaling is None:
+        if args.rope_factor is not None or args.original_max_len is not None:
+            from babyllama.config import ConfigError
+
+            raise ConfigError("--rope-factor and --original-max-len go with --rope-scaling KIND")
+        return None
+    from babyllama.config import RopeScaling
+
+    return RopeScaling(args.rope_scaling, 1.0 if args.rope_factor is None else args.rope_factor,
+                       args.original_max_len)
+
+
 # --- inference --------------------------------------------------------------------------------
 
 def _sampling_config() -> type:
@@ -190,3 +227,4 @@ def add_inference_flags(p: argparse.ArgumentParser) -> None:
     s.add_argument("--repetition-penalty", type=float, default=Default(_sampling_config, "repetition_penalty"),
                    help="1 disables (default %(default)s)")
     s.add_argument("--seed", type=int, help="make sampling reproducible")
+    add_rope_flags(p)

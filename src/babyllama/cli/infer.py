@@ -39,8 +39,10 @@ def load_engine(args):
         import torch
 
         torch.set_num_threads(args.threads)
+    from babyllama.cli.flags import rope_from_args
+
     return Engine.load(args.ckpt, args.device, dtype=args.dtype, compile_step=False if args.no_compile else None,
-                       allow_unverified=args.allow_unverified)
+                       allow_unverified=args.allow_unverified, rope=rope_from_args(args))
 
 
 def cmd_generate(args) -> None:

@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 
 from babyllama.cli.flags import Default, add_config_flags, add_encoding_flag, add_layout_flag, add_lora_flags, \
-    add_on_error_flag, add_run_flags
+    add_on_error_flag, add_rope_flags, add_run_flags
 from babyllama.cli.prepare import SFT_LAYOUTS_HELP
 
 RUN_CONFIG = "run_config.toml"  # what a run writes into its --out: the settings a --resume starts from
@@ -82,10 +82,22 @@ def cmd_pretrain(args) -> None:
     if args.resume and not (args.config or args.preset) and saved.is_file():
         args.config = str(saved)  # resuming: the run's own config, with only the flags given now on top
     cfg = run_config(args)
+    long_context_defaults(args, cfg)
     summary = pretrain(PretrainJob(data=args.data, out=args.out, config=cfg, resume=args.resume, init=args.init,
                                    tokenizer=args.tokenizer, stop_at_step=args.stop_at_step,
                                    overwrite=args.overwrite, allow_unverified=args.allow_unverified))
     report_run(summary)
+
+
+def long_context_defaults(args, cfg) -> None:
+    """--s2-attn without a group size: a quarter of the training length (LongLoRA's choice); with
+    LoRA and no --lora-train, norms and embeddings train too, as LongLoRA found they must."""
+    if not getattr(args, "s2_attn", False):
+        return
+    if not cfg.train.s2_group_size:
+        cfg.train.s2_group_size = max(2, cfg.model.max_seq_len // 4 // 2 * 2)
+    if cfg.lora is not None and not cfg.lora.train and args.lora_train is None:
+        cfg.lora.train = ("norms", "embeddings")
 
 
 def sft_run_config(args):
@@ -140,6 +152,14 @@ def add_parsers(sub) -> None:
     add_run_flags(p)
     add_config_flags(p)
     add_lora_flags(p, "continued pretraining from --init")
+    g = add_rope_flags(p, training=True)
+    g.add_argument("--seq-len", type=int, metavar="N",
+                   help="training length (model.max_seq_len); longer than --init's for a long-context fine-tune")
+    g.add_argument("--s2-attn", action="store_true",
+                   help="LongLoRA's shifted sparse attention while training (full attention at inference); "
+                        "groups of a quarter of --seq-len unless --s2-group-size; with --lora, norms and "
+                        "embeddings train too")
+    g.add_argument("--s2-group-size", type=int, metavar="G", help="tokens per attention group (train.s2_group_size)")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("sft", help="supervised fine-tuning on conversations (loss on assistant replies only)",

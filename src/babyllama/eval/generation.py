@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from babyllama.config import ConfigError, check_int
+from babyllama.config import ConfigError, RopeScaling, check_int
 from babyllama.eval.perplexity import _run_eval_dir, _slug
 from babyllama.infer.sampling import MAX_NEW_TOKENS, SamplingConfig, check_max_new_tokens
 
@@ -62,6 +62,7 @@ class GenerationEvalConfig:
     top_p: float = 0.9
     repetition_penalty: float = 1.0
     seed: int | None = None
+    rope: RopeScaling | None = None  # replaces the checkpoint's RoPE scaling (--rope-scaling ...)
 
     def __post_init__(self) -> None:
         from babyllama.corpus.readers import DataError
@@ -259,7 +260,7 @@ def evaluate_generation(cfg: GenerationEvalConfig) -> dict:
     out = _output_path(cfg)  # before any work: a command with nowhere to write fails at once
     samples, stats = read_samples(cfg.data, cfg.layout, cfg.encoding, cfg.max_samples, cfg.on_error)
     model, tokenizer, ckpt = load_for_inference(cfg.ckpt, cfg.device, for_decoding=True,
-                                                allow_unverified=cfg.allow_unverified, dtype=cfg.dtype)
+                                                allow_unverified=cfg.allow_unverified, dtype=cfg.dtype, rope=cfg.rope)
     engine = Engine(model, tokenizer)
     sampling = cfg.sampling()
     answers, cut = generate_answers(engine, [s.prompt for s in samples], cfg.max_new_tokens, sampling,

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from babyllama.config import ConfigError, check_int
+from babyllama.config import ConfigError, RopeScaling, check_int
 from babyllama.corpus.errors import DataError
 from babyllama.eval import subjects as known
 
@@ -53,6 +53,7 @@ class MultipleChoiceConfig:
     dtype: str = "float32"
     allow_unverified: bool = False
     out: str | None = None  # directory for the JSON results; None: RUN/eval for a run directory
+    rope: RopeScaling | None = None  # replaces the checkpoint's RoPE scaling (--rope-scaling ...)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -445,7 +446,7 @@ def evaluate_multiple_choice(cfg: MultipleChoiceConfig) -> list[dict]:
     if cfg.max_questions:
         for s in subjects:
             s.questions = s.questions[:cfg.max_questions]
-    model, tokenizer, ckpt = load_for_eval(cfg.ckpt, cfg.device, cfg.dtype, cfg.allow_unverified)
+    model, tokenizer, ckpt = load_for_eval(cfg.ckpt, cfg.device, cfg.dtype, cfg.allow_unverified, cfg.rope)
     records = predict(model, tokenizer, subjects, cfg.shots, cfg.score, cfg.batch_size, cfg.progress)
     seconds = time.perf_counter() - t0
     out_dir = Path(cfg.out) if cfg.out else _run_eval_dir(cfg.ckpt)

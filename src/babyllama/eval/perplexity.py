@@ -9,8 +9,8 @@ Sliding windows (the scheme of Hugging Face's perplexity guide): windows of `len
 start every `stride` tokens; each predicts the targets after the previous window's last, so every
 token but the first is scored exactly once, and after the first window with at least
 `length - stride` tokens of context. `stride = length` is plain chunked perplexity. Lengths past
-the model's trained context extend its rotary tables (no scaling: what the long-context stage will
-improve is measured here).
+the model's trained context extend its rotary tables, scaled as the checkpoint records or as
+`rope` (--rope-scaling) says: one command gives a row of the long-context table per scaling.
 
 Bits per character and per byte divide the summed loss (in bits) by the characters and the UTF-8
 bytes of the scored text, which do not depend on the tokenizer: runs with different vocabularies
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from babyllama.config import ConfigError, IGNORE_INDEX, check_int
+from babyllama.config import ConfigError, IGNORE_INDEX, RopeScaling, check_int
 
 
 @dataclass
@@ -48,6 +48,7 @@ class PerplexityConfig:
     allow_unverified: bool = False
     out: str | None = None  # JSON results; None: RUN/eval/ppl-DATA.json when --ckpt is a run directory
     progress: bool = True
+    rope: RopeScaling | None = None  # replaces the checkpoint's RoPE scaling (--rope-scaling ...)
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -143,27 +144,26 @@ def score_stream(model, stream: np.ndarray, length: int, stride: int, batch_size
 
 
 def extend_context(model, length: int) -> None:
-    """Let `model` take `length` positions: longer rotary tables, nothing else (no scaling)."""
-    from babyllama.model.rope import rope_cos_sin
-
+    """Let `model` take `length` positions: longer rotary tables with the same scaling (none: the
+    angles extrapolate past the trained length)."""
     cfg = model.config
     if length <= cfg.max_seq_len:
         return
-    device = model.rope_cos.device
-    cos, sin = rope_cos_sin(cfg.head_dim, length, cfg.rope_theta)
-    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    model.rope.extend(length)
     model.config = dataclasses.replace(cfg, max_seq_len=length)
 
 
-def load_for_eval(ckpt: str, device: str = "auto", dtype: str = "float32", allow_unverified: bool = False):
+def load_for_eval(ckpt: str, device: str = "auto", dtype: str = "float32", allow_unverified: bool = False,
+                  rope=None):
     """(model in eval mode on the device and dtype, its tokenizer, the checkpoint directory); an
-    adapter run's adapter is folded into the weights (the same outputs, faster)."""
+    adapter run's adapter is folded into the weights (the same outputs, faster). `rope`
+    (config.RopeScaling) replaces the checkpoint's RoPE scaling."""
     from babyllama.checkpoint import load_model
     from babyllama.runtime import inference_dtype, pick_device
     from babyllama.tokenizer import load_tokenizer
 
     where = pick_device(device)
-    model, ckpt_dir = load_model(ckpt, where, allow_unverified=allow_unverified, merge=True)
+    model, ckpt_dir = load_model(ckpt, where, allow_unverified=allow_unverified, merge=True, rope=rope)
     model.eval().to(inference_dtype(dtype, where))
     tok_dir = next((d for d in (ckpt_dir / "tokenizer", ckpt_dir.parent.parent / "tokenizer") if d.is_dir()), None)
     if tok_dir is None:
@@ -173,11 +173,11 @@ def load_for_eval(ckpt: str, device: str = "auto", dtype: str = "float32", allow
 
 def perplexity(cfg: PerplexityConfig) -> dict:
     """Score the text at every length; returns (and writes, see `out`) the results."""
-    model, tokenizer, ckpt = load_for_eval(cfg.ckpt, cfg.device, cfg.dtype, cfg.allow_unverified)
+    model, tokenizer, ckpt = load_for_eval(cfg.ckpt, cfg.device, cfg.dtype, cfg.allow_unverified, cfg.rope)
     stream = token_stream(cfg.data, tokenizer, cfg.split, cfg.max_tokens, cfg.layout, cfg.encoding)
     text = tokenizer.decode(stream[1:].tolist())  # every token but the first is scored, at any length
     chars, n_bytes = max(len(text), 1), max(len(text.encode("utf-8")), 1)
-    trained = model.config.max_seq_len
+    trained = model.config.trained_len  # before any RoPE scaling
     rows = []
     for length in cfg.lengths or [trained]:
         stride = cfg.stride or max(1, length // 2)
@@ -187,10 +187,16 @@ def perplexity(cfg: PerplexityConfig) -> dict:
         rows.append({"length": length, "stride": stride, "beyond_trained": length > trained, "tokens": count,
                      "loss": nats / count, "perplexity": math.exp(nats / count),
                      "bits_per_char": bits / chars, "bits_per_byte": bits / n_bytes})
-    result = {"kind": "perplexity", "checkpoint": str(ckpt), "data": list(cfg.data), "split": cfg.split, "trained_length": trained,
-              "stream_tokens": int(len(stream)), "characters": chars, "bytes": n_bytes, "results": rows}
+    mc = model.config
+    scaling = {"kind": mc.rope_scaling, "factor": mc.rope_factor, "original_length": trained}
+    result = {"kind": "perplexity", "checkpoint": str(ckpt), "data": list(cfg.data), "split": cfg.split,
+              "trained_length": trained, "rope_scaling": scaling, "stream_tokens": int(len(stream)),
+              "characters": chars, "bytes": n_bytes, "results": rows}
     eval_dir = _run_eval_dir(cfg.ckpt)
-    out = Path(cfg.out) if cfg.out else (eval_dir / f"ppl-{_slug(cfg.data)}.json" if eval_dir else None)
+    # a scaling chosen here gets its own file: the methods' tables sit side by side
+    suffix = "" if cfg.rope is None else f"-rope-{mc.rope_scaling}" + (
+        f"{mc.rope_factor:g}" if mc.rope_scaling != "none" else "")
+    out = Path(cfg.out) if cfg.out else (eval_dir / f"ppl-{_slug(cfg.data)}{suffix}.json" if eval_dir else None)
     if out is not None:
         from babyllama.outputs import write_text_atomic
 
@@ -216,13 +222,15 @@ def _run_eval_dir(ckpt: str) -> Path | None:
 
 
 def format_table(result: dict) -> str:
+    rope = result.get("rope_scaling") or {"kind": "none"}
+    scaled = "" if rope["kind"] == "none" else f"; RoPE scaling {rope['kind']} x{rope['factor']:g}"
     lines = [f"{result['stream_tokens']:,} tokens ({result['characters']:,} characters) of "
-             f"{', '.join(result['data'])}; trained context {result['trained_length']}",
+             f"{', '.join(result['data'])}; trained context {result['trained_length']}{scaled}",
              "length  stride  scored tokens    loss  perplexity  bits/char  bits/byte"]
     for r in result["results"]:
         mark = "*" if r["beyond_trained"] else " "
         lines.append(f"{r['length']:>6}{mark} {r['stride']:>6}  {r['tokens']:>13,}  {r['loss']:6.3f}  "
                      f"{r['perplexity']:10.2f}  {r['bits_per_char']:9.3f}  {r['bits_per_byte']:9.3f}")
     if any(r["beyond_trained"] for r in result["results"]):
-        lines.append("* past the trained context (rotary tables extended, no scaling)")
+        lines.append("* past the trained context" + (" (rotary angles extrapolated, no scaling)" if not scaled else ""))
     return "\n".join(lines)

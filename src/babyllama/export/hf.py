@@ -1,23 +1,46 @@
 """Our Llama as a stock Hugging Face `LlamaForCausalLM`: the same weights, renamed and unfused.
 
 RoPE already uses HF's half-split layout, so no permutation is needed: only `wqkv` is split into
-q/k/v and `w13` into gate/up.
+q/k/v and `w13` into gate/up. A RoPE scaling becomes `rope_parameters` where transformers has the
+same formula (static NTK is a plain larger rope_theta there); CLEX, learned, has none and is refused.
 """
 
 from __future__ import annotations
 
 import torch
 
-from babyllama.config import ModelConfig
+from babyllama.config import ConfigError, ModelConfig
+
+
+def hf_rope(cfg: ModelConfig) -> tuple[dict, int]:
+    """(transformers' `rope_parameters`, `max_position_embeddings`) computing our rotary tables."""
+    from babyllama.model.rope import ntk_theta
+
+    kind, factor, original = cfg.rope_scaling, cfg.rope_factor, cfg.trained_len
+    if kind == "none":
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}, cfg.max_seq_len
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": factor, "rope_theta": cfg.rope_theta}, cfg.max_seq_len
+    if kind == "ntk":  # static NTK-aware scaling is a larger base
+        return {"rope_type": "default", "rope_theta": ntk_theta(cfg.rope_theta, cfg.head_dim, factor)}, cfg.max_seq_len
+    if kind == "dynamic-ntk":  # transformers grows the base past max_position_embeddings: the original length
+        return {"rope_type": "dynamic", "factor": factor, "rope_theta": cfg.rope_theta}, original
+    if kind == "yarn":
+        return {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original,
+                "beta_fast": cfg.rope_beta_fast, "beta_slow": cfg.rope_beta_slow,
+                "rope_theta": cfg.rope_theta}, cfg.max_seq_len
+    raise ConfigError(f"RoPE scaling {kind!r} has no equivalent in transformers (its frequencies are learned, "
+                      f"not a formula): export a model with linear, ntk, dynamic-ntk, yarn or no scaling")
 
 
 def hf_config(cfg: ModelConfig, **extra):
     import transformers
 
+    rope, max_positions = hf_rope(cfg)
     return transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+        max_position_embeddings=max_positions, rms_norm_eps=cfg.norm_eps, rope_parameters=rope,
         tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False, **extra)
 
 

@@ -164,7 +164,7 @@ class DecodeLayout:
         compiled = compiler_available() if self.compiled is None else self.compiled
 
         def swap(name: str, module: nn.Module):
-            if type(module) is not nn.Linear:
+            if type(module) is not nn.Linear or name.startswith("rope."):  # CLEX's ODE is no projection
                 return None
             if module.bias is not None:
                 raise ValueError(f"{name}: the decoding layout expects bias-free projections (the Llama here has none)")
@@ -183,6 +183,9 @@ def prepare_for_decoding(model: nn.Module, compiled: bool | None = None) -> nn.M
 def should_compile_step(model: nn.Module, compile_step: bool | None = None) -> bool:
     """Whether to compile the one-token step: asked for explicitly, else for models of
     COMPILE_STEP_MIN_PARAMS parameters or more where the compiler works (a GPU, or a C++ compiler)."""
+    rope = getattr(model, "rope", None)
+    if rope is not None and rope.dynamic:  # its tables follow the length: no one graph for every step
+        return False
     if compile_step is not None:
         return compile_step
     on_cpu = next(model.buffers(), next(model.parameters(), None)).device.type == "cpu"

@@ -61,12 +61,13 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", dtype: str = "auto", compile_step: bool | None = None,
-             allow_unverified: bool = False) -> "Engine":
-        """From a run directory (its newest good checkpoint) or a checkpoint directory."""
+             allow_unverified: bool = False, rope=None) -> "Engine":
+        """From a run directory (its newest good checkpoint) or a checkpoint directory; `rope`
+        (config.RopeScaling) replaces its RoPE scaling."""
         from babyllama.infer.generate import load_for_inference
 
         model, tokenizer, _ = load_for_inference(path, device, for_decoding=True, allow_unverified=allow_unverified,
-                                                 dtype=dtype)
+                                                 dtype=dtype, rope=rope)
         return cls(model, tokenizer, compile_step)
 
     @property

@@ -72,21 +72,22 @@ def fit_prompt(ids: list[int], limit: int, max_new_tokens: int, keep_first: int 
 
 
 def load_for_inference(path: str | Path, device: str = "auto", for_decoding: bool = True,
-                       allow_unverified: bool = False, dtype: str = "float32", merge: bool = True):
+                       allow_unverified: bool = False, dtype: str = "float32", merge: bool = True, rope=None):
     """(model, tokenizer, checkpoint dir) from a run directory or a checkpoint directory.
     `for_decoding` lays the weights out for fast generation (infer/decode.py); pass False to get
     the plain, trainable model (`Engine.load` is the usual way in for generating).
     `allow_unverified` accepts a checkpoint without checksums.json (one not written by babyllama).
     `dtype`: the weights' precision (float32, bfloat16, float16, or auto: see `runtime.inference_dtype`).
     An adapter run (LoRA/DoRA) loads over its base; `merge` folds the adapter into the weights
-    (the same outputs at the cost of a plain model; False keeps the adapter modules)."""
+    (the same outputs at the cost of a plain model; False keeps the adapter modules).
+    `rope` (config.RopeScaling) replaces the checkpoint's RoPE scaling (a longer context)."""
     from babyllama.checkpoint import load_model
     from babyllama.infer.decode import prepare_for_decoding
     from babyllama.runtime import inference_dtype, pick_device
     from babyllama.tokenizer import load_tokenizer
 
     device = pick_device(device)
-    model, ckpt = load_model(path, device, allow_unverified=allow_unverified, merge=merge)
+    model, ckpt = load_model(path, device, allow_unverified=allow_unverified, merge=merge, rope=rope)
     model.to(inference_dtype(dtype, device))
     if for_decoding:
         prepare_for_decoding(model)

@@ -8,6 +8,9 @@ written so far) or as a 0-dim tensor (a compiled decode step: every shape stays 
 token to the next, so one compiled graph serves the whole generation; attention reads the whole
 buffer under a mask that hides the positions not written yet).
 
+With a RoPE scaling that follows the length (dynamic NTK, CLEX), the model re-rotates the cached
+keys whenever the frequencies change (`rope_inv_freq` records those they carry).
+
 Rows of unequal length share the cache left-padded: `pad[b]` slots of row b come before its first
 token. Slot indices stay common to all rows (one write per step for the whole batch); each row's
 positions for the rotary embedding are its slot minus its padding, and its padding slots are masked
@@ -28,6 +31,8 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.max_seq_len = max_seq_len
         self.pad: torch.Tensor | None = None
+        # with a dynamic RoPE scaling: the inverse frequencies the cached keys were rotated with
+        self.rope_inv_freq: torch.Tensor | None = None
         self.set_padding(pad)
 
     def set_padding(self, pad: torch.Tensor | None) -> None:

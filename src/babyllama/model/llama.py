@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from babyllama.config import ModelConfig
 from babyllama.model.kv_cache import KVCache
 from babyllama.model.loss import IGNORE_INDEX, linear_cross_entropy
-from babyllama.model.rope import apply_rope, rope_cos_sin
+from babyllama.model.rope import RotaryEmbedding, apply_rope, cos_sin
 
 
 class RMSNorm(nn.Module):
@@ -36,7 +36,7 @@ class Attention(nn.Module):
         # q, k and v in one matmul: one large GEMM runs closer to peak than three small ones
         self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        self.dropout = cfg.dropout
+        self.core = DotProductAttention(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None, layer: int = 0, start_pos: int = 0,
@@ -56,15 +56,28 @@ class Attention(nn.Module):
         if self.n_kv_heads != self.n_heads:
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        if T == 1 and mask is not None and torch.compiler.is_compiling():
+        out = self.core(q, k, v, mask, causal)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class DotProductAttention(nn.Module):
+    """softmax(q k^T / sqrt(d)) v over (batch, heads, seq, head_dim): the one place attention is
+    computed, a module so that a transformation can swap it (train/s2attn.py, LongLoRA's shifted
+    sparse attention) without touching the projections around it."""
+
+    def __init__(self, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = dropout
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                causal: bool) -> torch.Tensor:
+        if q.shape[2] == 1 and mask is not None and torch.compiler.is_compiling():
             # one query over a fixed-size cache (the compiled decode step): written out, the compiler
             # fuses it; SDPA's CPU kernel costs ~90 us a call for this little work (step 4% faster)
-            scores = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5
-            out = scores.masked_fill(~mask, float("-inf")).float().softmax(dim=-1).to(v.dtype) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                                 dropout_p=self.dropout if self.training else 0.0)
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+            scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+            return scores.masked_fill(~mask, float("-inf")).float().softmax(dim=-1).to(v.dtype) @ v
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                              dropout_p=self.dropout if self.training else 0.0)
 
 
 class FeedForward(nn.Module):
@@ -120,14 +133,14 @@ class Llama(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.rope = RotaryEmbedding(cfg)  # cos/sin tables, scaled as cfg.rope_scaling says
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         std = 0.02
         for name, p in self.named_parameters():
+            if name.startswith("rope."):
+                continue  # CLEX's ODE has its own initialisation (NTK scaling until trained)
             if p.dim() == 1:
                 nn.init.ones_(p)  # RMSNorm gains
             elif name.endswith(("wo.weight", "w2.weight")):
@@ -159,20 +172,31 @@ class Llama(nn.Module):
         if not isinstance(start_pos, torch.Tensor) and start_pos + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} positions exceeds max_seq_len={self.config.max_seq_len}")
         mask = None
-        if segments is not None:
-            if cache is not None:
-                raise ValueError("segments (packed sequences) are for training, not for cached generation")
-            positions, mask = segment_positions_and_mask(segments)
-            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
-        elif cache is not None and cache.pad is not None:  # left-padded rows: positions per row
-            positions = cache.positions(start_pos, T)
-            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
-        elif isinstance(start_pos, torch.Tensor):  # a compiled decode step: positions as data, not shapes
+        if isinstance(start_pos, torch.Tensor):  # a compiled decode step: positions as data, not shapes
+            if self.rope.dynamic:
+                raise ValueError(f"RoPE scaling {self.config.rope_scaling!r} changes with the length: "
+                                 f"decode it step by step, not as one compiled graph")
             positions = start_pos + torch.arange(T, device=tokens.device)
-            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            if cache is not None and cache.pad is not None:
+                positions = cache.positions(start_pos, T)
+                cos, sin = self.rope.cos[positions].unsqueeze(1), self.rope.sin[positions].unsqueeze(1)
+            else:
+                cos, sin = self.rope.cos[positions], self.rope.sin[positions]
         else:
-            cos = self.rope_cos[start_pos:start_pos + T]
-            sin = self.rope_sin[start_pos:start_pos + T]
+            end = start_pos + T
+            cos, sin = self.rope.tables(end)
+            if cache is not None and self.rope.dynamic:
+                self._rerotate_cache(cache, start_pos, end)
+            if segments is not None:
+                if cache is not None:
+                    raise ValueError("segments (packed sequences) are for training, not for cached generation")
+                positions, mask = segment_positions_and_mask(segments)
+                cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+            elif cache is not None and cache.pad is not None:  # left-padded rows: positions per row
+                positions = cache.positions(start_pos, T)
+                cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+            else:
+                cos, sin = cos[start_pos:end], sin[start_pos:end]
         x = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, start_pos, mask)
@@ -196,6 +220,23 @@ class Llama(nn.Module):
         else:  # a transformed head (adapter, quantized): its own forward, full logits
             loss = F.cross_entropy(self.output(rows).float(), flat, ignore_index=IGNORE_INDEX, reduction=reduction)
         return loss if reduction == "sum" else loss.view(targets.shape)
+
+    @torch.no_grad()
+    def _rerotate_cache(self, cache: KVCache, start_pos: int, end: int) -> None:
+        """A dynamic scaling's frequencies follow the length: rotate the keys cached so far from the
+        frequencies they were written with to this step's (rotations compose: R(a + d) = R(d) R(a)),
+        so that cached decoding equals a full forward pass over the same tokens."""
+        new = self.rope.inv_freq(end).cpu()
+        old, cache.rope_inv_freq = cache.rope_inv_freq, new
+        if old is None or start_pos == 0 or torch.equal(old, new):
+            return
+        cos, sin = cos_sin(new - old, start_pos)
+        cos, sin = cos.to(cache.keys[0].device), sin.to(cache.keys[0].device)
+        if cache.pad is not None:
+            positions = cache.positions(0, start_pos)
+            cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+        for keys in cache.keys:
+            keys[:, :, :start_pos] = apply_rope(keys[:, :, :start_pos], cos, sin)
 
     def new_cache(self, batch_size: int, max_seq_len: int | None = None) -> KVCache:
         cfg, w = self.config, self.tok_embeddings.weight

@@ -51,6 +51,22 @@ def fit_vocab(cfg: RunConfig, tok) -> None:
                           f"{tok.vocab_size} ids; leave it at 0 to take the tokenizer's size")
 
 
+def resolve_rope(cfg: RunConfig, job: PretrainJob) -> None:
+    """Record the length a RoPE scaling starts from: the --init checkpoint's trained length (from
+    scratch: the context itself), so checkpoints never leave it to a guess."""
+    m = cfg.model
+    if m.rope_scaling == "none" or m.rope_original_len:
+        return
+    if job.init and not job.resume:
+        init = ckpt_io.find_checkpoint(job.init, allow_unverified=True)
+        m.rope_original_len = ckpt_io.read_model_config(init).trained_len
+    else:
+        m.rope_original_len = m.max_seq_len
+    if cfg.lora is not None and m.rope_scaling == "clex":
+        raise ConfigError("CLEX learns its scaling together with the whole model (its recipe is full "
+                          "fine-tuning): drop --lora, or use --rope-scaling yarn/linear with LoRA")
+
+
 def pretrain(job: PretrainJob) -> dict:
     cfg = job.config
     data_dir = Path(job.data)
@@ -60,6 +76,7 @@ def pretrain(job: PretrainJob) -> dict:
     if cfg.lora is not None and not job.init:
         raise ConfigError("--lora trains adapters over a trained model: give it with --init CKPT "
                           "(continued pretraining); a model pretrained from scratch trains every weight")
+    resolve_rope(cfg, job)
     run = StageRun.from_job(job, stage="pretrain", train=cfg.train, inputs=[data_dir, job.init, job.tokenizer],
                             retry_hint=f"or start a new run from its weights: --init {job.out}")
     return run_stage(run, lambda env: _build(job, cfg, manifest, tok, env, data_dir))
@@ -74,20 +91,33 @@ def _build(job: PretrainJob, cfg: RunConfig, manifest: dict, tok, env, data_dir:
     if job.init:
         init = ckpt_io.find_checkpoint(job.init, verify=True, allow_unverified=job.allow_unverified,
                                        warn=print if env.is_main else None)
-        ckpt_io.load_weights(model, init)
+        # CLEX's ODE is new to a model trained without it: it starts as NTK scaling
+        ckpt_io.load_weights(model, init, fresh=("rope.clex.",) if cfg.model.rope_scaling == "clex" else ())
         base = attach_lora(model, cfg.lora, init, cfg.train.seed)
     seq = cfg.model.max_seq_len
+    if cfg.train.s2_group_size:
+        from babyllama.train.s2attn import apply_s2_attn
+
+        if seq % cfg.train.s2_group_size:
+            raise ConfigError(f"train.s2_group_size={cfg.train.s2_group_size} must divide the training length "
+                              f"model.max_seq_len={seq} (--s2-group-size, --seq-len)")
+        apply_s2_attn(model, cfg.train.s2_group_size)
     batches = PretrainBatches(data_dir, seq, cfg.train.batch_size, seed=cfg.train.seed, rank=env.rank,
                               world_size=env.world_size, vocab_limit=cfg.model.vocab_size)
     # validation batches are global: each rank evaluates its share of every one
     val = validation_batches(data_dir, seq, cfg.train.batch_size * env.world_size, cfg.train.eval_batches,
                              vocab_limit=cfg.model.vocab_size)
 
+    m = cfg.model
+    rope_note = "" if m.rope_scaling == "none" else \
+        f"; RoPE {m.rope_scaling} x{m.rope_factor:g} from {m.rope_original_len} positions"
+
     def describe(trainer) -> str:
         return (f"model: {cfg.model.num_params() / 1e6:.2f}M parameters, {cfg.model.n_layers} layers, "
                 f"dim {cfg.model.dim}, vocab {cfg.model.vocab_size}; device {trainer.device}, "
                 f"{str(trainer.dtype).replace('torch.', '')}; {batches.windows.num_windows:,} training windows of "
-                f"{seq} tokens"
+                f"{seq} tokens" + rope_note
+                + (f"; shifted sparse attention in groups of {cfg.train.s2_group_size}" if cfg.train.s2_group_size else "")
                 + (f"; {env.world_size} processes ({'deepspeed' if cfg.train.deepspeed else cfg.train.parallel})"
                    if env.enabled else ""))
 
