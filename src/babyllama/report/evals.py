@@ -1,7 +1,7 @@
 """One evaluation result (a RUN/eval/*.json) as report blocks and as a one-line headline.
 
 Each `kind` the evaluations write has its renderer: "perplexity" (`babyllama eval ppl`), "mc"
-(multiple choice) and "gen" (generation). Any other kind, or a file of a known kind missing the
+(multiple choice), "gen" (generation) and "longctx" (bench/longctx.py's perplexity-by-length table). Any other kind, or a file of a known kind missing the
 fields its renderer reads, is shown generically (its scalar fields as a table): an evaluation added
 later, or written by an older version, never breaks a report.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from babyllama.report.document import Block, Heading, Para, Table
+from babyllama.report.document import Block, Heading, Image, Para, Table
 from babyllama.report.format import number, percent
 
 SCALARS = (str, int, float, bool, type(None))
@@ -66,7 +66,10 @@ def _perplexity_blocks(result: dict) -> list[Block]:
     blocks: list[Block] = [Para(intro), Table(["length", "stride", "scored tokens", "loss", "perplexity",
                                                "bits/char", "bits/byte"], rows)]
     if any(r.get("beyond_trained") for r in result["results"]):
-        blocks.append(Para("* past the trained context (rotary tables extended, no scaling)", muted=True))
+        rope = result.get("rope_scaling") or {"kind": "none"}
+        how = "rotary angles extrapolated, no scaling" if rope["kind"] == "none" else \
+            f"RoPE scaling {rope['kind']} x{number(rope.get('factor'))}"
+        blocks.append(Para(f"* past the trained context ({how})", muted=True))
     return blocks
 
 
@@ -74,6 +77,35 @@ def _perplexity_headline(result: dict) -> str:
     rows = result["results"]
     row = next((r for r in rows if r["length"] == result.get("trained_length")), rows[0])
     return f"ppl {number(row['perplexity'])}, {number(row['bits_per_char'])} bits/char @ {row['length']}"
+
+
+# --- long context (bench/longctx.py) ------------------------------------------------------------------
+
+def _longctx_blocks(result: dict) -> list[Block]:
+    lengths = result["lengths"]
+    blocks: list[Block] = [Para(
+        f"Perplexity of `{', '.join(result.get('data') or [])}` ({number(result.get('stream_tokens'))} tokens, "
+        f"the same at every length) by context length, for a model trained at {result['trained_length']} "
+        f"positions; * past it. Fine-tunes: {result.get('finetune_note', '')}")]
+    headers = ["method", "fine-tuned"] + [f"{n}{' *' if n > result['trained_length'] else ''}" for n in lengths]
+    rows = [[r["method"], r["stage"]] + [number(r["perplexity"].get(str(n))) for n in lengths] for r in result["rows"]]
+    blocks.append(Table(headers, rows))
+    if result.get("s2"):
+        blocks.append(Para("Training step of the fine-tune with LongLoRA's shifted sparse attention against full "
+                           "attention (same model and adapters; time per step and peak memory of the process):"))
+        blocks.append(Table(["length", "attention", "group", "step (s)", "tokens/s", "peak memory (MB)"],
+                            [[r["length"], r["attention"], r.get("group") or "", number(r["step_s"]),
+                              number(r["tokens_per_s"]), number(r["peak_mb"])] for r in result["s2"]]))
+    image = Path(result.get("image") or "")
+    if image.suffix == ".png" and image.is_file():
+        blocks.append(Image(image, "perplexity by context length"))
+    return blocks
+
+
+def _longctx_headline(result: dict) -> str:
+    far = max(result["lengths"])
+    best = min(result["rows"], key=lambda r: r["perplexity"].get(str(far), float("inf")))
+    return f"best @ {far}: {best['method']} ({best['stage']}) ppl {number(best['perplexity'].get(str(far)))}"
 
 
 # --- multiple choice --------------------------------------------------------------------------------
@@ -182,6 +214,6 @@ def _generic_headline(result: dict) -> str:
 
 
 RENDERERS: dict[str, Callable[[dict], list[Block]]] = {
-    "perplexity": _perplexity_blocks, "mc": _mc_blocks, "gen": _gen_blocks}
+    "perplexity": _perplexity_blocks, "mc": _mc_blocks, "gen": _gen_blocks, "longctx": _longctx_blocks}
 HEADLINES: dict[str, Callable[[dict], str]] = {
-    "perplexity": _perplexity_headline, "mc": _mc_headline, "gen": _gen_headline}
+    "perplexity": _perplexity_headline, "mc": _mc_headline, "gen": _gen_headline, "longctx": _longctx_headline}

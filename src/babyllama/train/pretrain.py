@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +70,11 @@ def resolve_rope(cfg: RunConfig, job: PretrainJob) -> None:
 
 
 def pretrain(job: PretrainJob) -> dict:
+    if job.resume and not job.init:  # a run started from --init resumes from the same weights
+        recorded = Path(job.out) / "run.json"
+        init = json.loads(recorded.read_text(encoding="utf-8")).get("init") if recorded.is_file() else None
+        if init:
+            job = dataclasses.replace(job, init=init)
     cfg = job.config
     data_dir = Path(job.data)
     manifest = load_manifest(data_dir)  # the data and the tokenizer are checked before `out` is touched
