@@ -43,15 +43,16 @@ def _shifted_group_mask(group_size: int, device: torch.device) -> torch.Tensor:
 
 
 def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(B, H, T, D) -> (B * T/G, H, G, D): groups become batch rows, as SDPA's fused kernels want 4-D."""
+    """(B, H, T, D) -> (B, H * T/G, G, D): each (head, group) pair becomes a "head" of SDPA's 4-D
+    input; a view, not a copy, when x is laid out (B, H, T, D) (no transpose of the data)."""
     B, H, T, D = x.shape
-    return x.reshape(B, H, T // group_size, group_size, D).transpose(1, 2).reshape(-1, H, group_size, D)
+    return x.reshape(B, H * (T // group_size), group_size, D)
 
 
-def _ungrouped(x: torch.Tensor, batch: int) -> torch.Tensor:
-    """(B * T/G, H, G, D) -> (B, H, T, D)."""
-    _, H, G, D = x.shape
-    return x.reshape(batch, -1, H, G, D).transpose(1, 2).reshape(batch, H, -1, D)
+def _ungrouped(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, H * T/G, G, D) -> (B, H, T, D)."""
+    B, _, G, D = x.shape
+    return x.reshape(B, heads, -1, D)
 
 
 def shifted_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int,
@@ -73,23 +74,21 @@ def shifted_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     # unshifted heads: every group is plainly causal, so is_causal lets SDPA pick a fused kernel
     plain = F.scaled_dot_product_attention(_grouped(q[:, :n_plain], G), _grouped(k[:, :n_plain], G),
                                            _grouped(v[:, :n_plain], G), is_causal=True, dropout_p=dropout_p)
-    out = _ungrouped(plain, B)
     if n_shifted == 0:
-        return out
+        return _ungrouped(plain, n_plain)
 
     # rolled by -G/2, the shifted groups line up with the unshifted grid; only the last group (the
-    # wrapped-around one) needs the split mask, the others are causal. One mask row per group row,
-    # B*T/G*G*G booleans: O(T*G) like the rest.
+    # wrapped-around one) needs the split mask, the others are causal: a (groups, G, G) mask
+    # shared by the batch, O(T*G) like the rest
     def rolled(x: torch.Tensor) -> torch.Tensor:
         return _grouped(x[:, n_plain:].roll(-half, dims=2), G)
 
-    causal = torch.ones(G, G, dtype=torch.bool, device=q.device).tril()
-    per_group = causal.expand(n_groups, G, G).clone()
+    per_group = torch.ones(G, G, dtype=torch.bool, device=q.device).tril().expand(n_groups, G, G).clone()
     per_group[-1] = _shifted_group_mask(G, q.device)
-    mask = per_group.expand(B, n_groups, G, G).reshape(B * n_groups, 1, G, G)
+    mask = per_group.repeat(n_shifted, 1, 1).unsqueeze(0)  # (1, shifted heads * groups, G, G)
     shifted = F.scaled_dot_product_attention(rolled(q), rolled(k), rolled(v), attn_mask=mask, dropout_p=dropout_p)
-    shifted = _ungrouped(shifted, B).roll(half, dims=2)
-    return torch.cat([out, shifted], dim=1)
+    shifted = _ungrouped(shifted, n_shifted).roll(half, dims=2)
+    return torch.cat([_ungrouped(plain, n_plain), shifted], dim=1)
 
 
 class ShiftedSparseAttention(nn.Module):
