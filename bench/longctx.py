@@ -257,7 +257,7 @@ def main() -> None:
         result["s2"] = s2
     png = out / "longctx.png"
     draw(result, png)
-    result["image"] = str(png)
+    result["image"] = png.name  # beside the JSON (the report looks there)
     from babyllama.outputs import write_text_atomic
 
     write_text_atomic(out / "longctx.json", json.dumps(result, indent=2, ensure_ascii=False))

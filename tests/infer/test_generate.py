@@ -221,3 +221,26 @@ def test_max_new_tokens_below_one_is_a_config_error(tokenizer):
         Engine(model, tokenizer).complete("你好", -5, GREEDY)
     with pytest.raises(ConfigError, match="prompt has 96 tokens; the model's context is 96"):
         next(generate_tokens(model, torch.zeros(1, 96, dtype=torch.long), 5, GREEDY))
+
+
+@pytest.mark.parametrize("kind", ["dynamic-ntk", "clex"])
+def test_dynamic_rope_decodes_past_the_trained_length_with_and_without_cache_alike(kind):
+    """Through the Engine, prepared for decoding, rows of unequal length (left-padded cache): the
+    frequencies change at every step past the trained length, and each row still gets the tokens it
+    gets alone and without any cache (the logits themselves: tests/model/test_rope_scaling.py)."""
+    from babyllama.infer.decode import prepare_for_decoding
+    from babyllama.infer.engine import Engine
+
+    torch.manual_seed(5)
+    model = Llama(tiny_model_config(max_seq_len=32).with_rope_scaling(kind, 4.0)).eval()
+    if kind == "clex":
+        torch.nn.init.normal_(model.rope.clex.down.weight, std=0.5)
+    assert model.config.max_seq_len == 128 and model.rope.dynamic
+    prompts = [torch.randint(0, 1024, (20,)).tolist(), torch.randint(0, 1024, (9,)).tolist()]
+    engine = Engine(prepare_for_decoding(model), compile_step=True)  # refused: its tables follow the length
+    assert not engine.compile_step
+    together = engine.generate(prompts, 60, GREEDY)
+    for prompt, tokens in zip(prompts, together):
+        assert tokens == engine.generate([prompt], 60, GREEDY)[0]
+        uncached = torch.stack(list(generate_tokens(model, torch.tensor([prompt]), 60, GREEDY, use_cache=False)), 1)
+        assert tokens == uncached[0].tolist()

@@ -115,6 +115,29 @@ def test_dynamic_scaling_keeps_the_cache_correct_across_the_switch(kind):
             torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
 
 
+def test_dynamic_scaling_with_left_padded_rows():
+    """Rows of unequal length share a left-padded cache; each row's keys are re-rotated at its own
+    positions: every step's logits equal the row's full forward pass."""
+    from babyllama.model.kv_cache import KVCache
+
+    torch.manual_seed(6)
+    model = random_model(scaled_config("dynamic-ntk", 4.0))
+    long, short = torch.randint(0, 1024, (TRAINED + 16,)), torch.randint(0, 1024, (TRAINED + 6,))
+    prompt_long, prompt_short = 40, 30
+    pad = prompt_long - prompt_short
+    cache = model.new_cache(2)
+    cache.set_padding(torch.tensor([0, pad]))
+    batch = torch.stack([long[:prompt_long], torch.cat([torch.zeros(pad, dtype=torch.long), short[:prompt_short]])])
+    with torch.no_grad():
+        logits = model(batch, cache=cache)[:, -1]
+        for step in range(len(short) - prompt_short):
+            for row, (seq, length) in enumerate(((long, prompt_long + step), (short, prompt_short + step))):
+                full = model(seq[None, :length])[:, -1]
+                torch.testing.assert_close(logits[row], full[0], rtol=1e-4, atol=1e-4)
+            nxt = torch.stack([long[prompt_long + step], short[prompt_short + step]])[:, None]
+            logits = model(nxt, cache=cache, start_pos=prompt_long + step)[:, -1]
+
+
 def test_dynamic_ntk_generation_equals_transformers_without_cache():
     """transformers' own cached generation keeps keys rotated at their old length; its uncached
     forward is the exact computation, and our cached greedy decoding gives its tokens and logits."""

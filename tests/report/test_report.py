@@ -370,3 +370,28 @@ def test_runs_named_in_chinese_are_labelled_run_n_where_no_font_has_the_glyphs(m
     assert plots.legend_names(runs) == ["base", "run 2"]
     monkeypatch.setattr(plots, "cjk_font", lambda: "Noto Sans CJK SC")
     assert plots.legend_names(runs) == ["base", "评测"]
+
+
+def test_the_long_context_table_renders_with_its_figure(tmp_path):
+    from bench.longctx import draw
+    from babyllama.report.document import Image
+
+    lengths = [256, 512, 1024]
+    result = {"kind": "longctx", "data": ["runs/demo/data"], "stream_tokens": 4096, "trained_length": 256,
+              "lengths": lengths, "seq_len": 1024, "finetune_note": "each 3 steps",
+              "rows": [{"method": "none", "stage": "no fine-tuning",
+                        "perplexity": {"256": 460.0, "512": 538.25, "1024": 629.5}},
+                       {"method": "yarn x4", "stage": "fine-tuned at 1024",
+                        "perplexity": {"256": 483.3, "512": 484.9, "1024": 486.4}}],
+              "s2": [{"shape": "demo", "length": 1024, "attention": "S2-Attn", "group": 256, "step_s": 0.37,
+                      "tokens_per_s": 2750.0, "peak_mb": 496.0}]}
+    draw(result, tmp_path / "longctx.png")
+    result["image"] = "longctx.png"  # beside the JSON
+    blocks = eval_blocks(dict(_entry(result), file=str(tmp_path / "longctx.json")), latest_checkpoint=None)
+    table = next(b for b in blocks if isinstance(b, Table))
+    assert table.headers == ["method", "fine-tuned", "256", "512 *", "1024 *"]
+    assert ["yarn x4", "fine-tuned at 1024", "483.3", "484.9", "486.4"] in [[str(c) for c in r] for r in table.rows]
+    assert any(isinstance(b, Table) and "S2-Attn" in b.rows[0] for b in blocks)
+    image = next(b for b in blocks if isinstance(b, Image))
+    assert image.path.read_bytes().startswith(b"\x89PNG")
+    assert headline(_entry(result)) == "best @ 1024: yarn x4 (fine-tuned at 1024) ppl 486.4"

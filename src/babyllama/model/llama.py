@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from babyllama.config import ModelConfig
 from babyllama.model.kv_cache import KVCache
 from babyllama.model.loss import IGNORE_INDEX, linear_cross_entropy
-from babyllama.model.rope import RotaryEmbedding, apply_rope, cos_sin
+from babyllama.model.rope import RotaryEmbedding, apply_rope
 
 
 class RMSNorm(nn.Module):
@@ -186,7 +186,7 @@ class Llama(nn.Module):
             end = start_pos + T
             cos, sin = self.rope.tables(end)
             if cache is not None and self.rope.dynamic:
-                self._rerotate_cache(cache, start_pos, end)
+                cos, sin = self._dynamic_cached_tables(cache, start_pos, end, cos, sin)
             if segments is not None:
                 if cache is not None:
                     raise ValueError("segments (packed sequences) are for training, not for cached generation")
@@ -194,7 +194,11 @@ class Llama(nn.Module):
                 cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
             elif cache is not None and cache.pad is not None:  # left-padded rows: positions per row
                 positions = cache.positions(start_pos, T)
-                cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+                if cos.dim() == 3:  # per-row tables (a dynamic scaling)
+                    rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
+                    cos, sin = cos[rows, positions].unsqueeze(1), sin[rows, positions].unsqueeze(1)
+                else:
+                    cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
             else:
                 cos, sin = cos[start_pos:end], sin[start_pos:end]
         x = self.tok_embeddings(tokens)
@@ -222,21 +226,33 @@ class Llama(nn.Module):
         return loss if reduction == "sum" else loss.view(targets.shape)
 
     @torch.no_grad()
-    def _rerotate_cache(self, cache: KVCache, start_pos: int, end: int) -> None:
-        """A dynamic scaling's frequencies follow the length: rotate the keys cached so far from the
+    def _dynamic_cached_tables(self, cache: KVCache, start_pos: int, end: int, cos: torch.Tensor,
+                               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A dynamic scaling's frequencies follow the length. Each left-padded row gets those of its
+        own length (it computes what it would alone); the keys cached so far are rotated from the
         frequencies they were written with to this step's (rotations compose: R(a + d) = R(d) R(a)),
-        so that cached decoding equals a full forward pass over the same tokens."""
-        new = self.rope.inv_freq(end).cpu()
+        so cached decoding equals a full forward pass over the same tokens."""
+        if cache.pad is None:
+            new = self.rope.inv_freq(end).cpu()
+        else:
+            new = torch.stack([self.rope.inv_freq(int(n)).cpu() for n in (end - cache.pad).tolist()])
         old, cache.rope_inv_freq = cache.rope_inv_freq, new
-        if old is None or start_pos == 0 or torch.equal(old, new):
-            return
-        cos, sin = cos_sin(new - old, start_pos)
-        cos, sin = cos.to(cache.keys[0].device), sin.to(cache.keys[0].device)
-        if cache.pad is not None:
-            positions = cache.positions(0, start_pos)
-            cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
-        for keys in cache.keys:
-            keys[:, :, :start_pos] = apply_rope(keys[:, :, :start_pos], cos, sin)
+        device = cache.keys[0].device
+        if old is not None and start_pos > 0 and not torch.equal(old, new):
+            if cache.pad is None:
+                positions = torch.arange(start_pos, dtype=torch.float64)
+                angles = positions[:, None] * (new - old)[None, :]  # (slots, head_dim / 2)
+            else:
+                positions = cache.positions(0, start_pos).cpu().double()
+                angles = (positions[:, :, None] * (new - old)[:, None, :]).unsqueeze(1)  # (batch, 1, slots, .)
+            dcos, dsin = angles.cos().float().to(device), angles.sin().float().to(device)
+            for keys in cache.keys:
+                keys[:, :, :start_pos] = apply_rope(keys[:, :, :start_pos], dcos, dsin)
+        if cache.pad is None:
+            return cos, sin
+        # this step's rows each at their own frequencies, indexed later by their own positions
+        angles = torch.arange(end, dtype=torch.float64)[None, :, None] * new[:, None, :].double()
+        return angles.cos().float().to(device), angles.sin().float().to(device)  # (batch, end, head_dim / 2)
 
     def new_cache(self, batch_size: int, max_seq_len: int | None = None) -> KVCache:
         cfg, w = self.config, self.tok_embeddings.weight

@@ -23,6 +23,8 @@ def eval_blocks(entry: dict, latest_checkpoint: str | None) -> list[Block]:
     if "error" in entry:
         return blocks + [Para(entry["error"], muted=True)]
     result = entry["result"]
+    if isinstance(result.get("image"), str) and entry.get("file"):  # a figure named beside its JSON
+        result = dict(result, image=str(Path(entry["file"]).parent / result["image"]))
     blocks += _checkpoint_note(result, latest_checkpoint)
     renderer = RENDERERS.get(entry["kind"])
     if renderer is not None:
