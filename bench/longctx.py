@@ -63,8 +63,8 @@ def fine_tunes(seq_len: int, trained: int, far: int) -> dict[str, list[str]]:
     }
 
 
-def run_fine_tune(name: str, flags: list[str], args, out: Path) -> dict:
-    run = out / "longctx-runs" / name
+def run_fine_tune(name: str, flags: list[str], args) -> dict:
+    run = Path(args.runs) / name
     lr = "2e-3" if "--lora" in flags else "1e-3"
     cmd = [sys.executable, "-m", "babyllama", "pretrain", "--init", args.ckpt, "--config",
            str(Path(args.ckpt) / "run_config.toml"), "--data", args.data, "--out", str(run), "--overwrite",
@@ -179,6 +179,7 @@ def main() -> None:
     p.add_argument("--ckpt", default="runs/demo/pretrain", help="a run pretrained at a short length (the demo's)")
     p.add_argument("--data", default="runs/demo/data", help="its pretraining dataset (the val split is scored)")
     p.add_argument("--out", help="where the table and figure go (default: CKPT/eval)")
+    p.add_argument("--runs", help="where the fine-tuned runs go (default: longctx/ beside CKPT)")
     p.add_argument("--lengths", default="256,512,1024,2048")
     p.add_argument("--max-tokens", type=int, default=32_768, help="tokens scored at every length")
     p.add_argument("--seq-len", type=int, default=1024, help="length of the fine-tunes")
@@ -211,6 +212,7 @@ def main() -> None:
     trained = read_model_config(find_checkpoint(args.ckpt)).trained_len
     far = max(lengths)
     out = Path(args.out or Path(args.ckpt) / "eval")
+    args.runs = args.runs or str(Path(args.ckpt).resolve().parent / "longctx")
     out.mkdir(parents=True, exist_ok=True)
     machine = f"{cpu_model()} ({platform.machine()}, {os.cpu_count()} CPUs), {args.threads} threads, float32"
     result = {"kind": "longctx", "checkpoint": str(find_checkpoint(args.ckpt)), "data": [args.data],
@@ -231,7 +233,7 @@ def main() -> None:
             log(f"perplexity without fine-tuning: {kind}")
             rope = None if kind == "none" else RopeScaling(kind, far / trained)
             ppl, full = score(args.ckpt, args.data, lengths, args.max_tokens, args.batch_size,
-                              out / "longctx-runs" / f"ppl-base-{kind}.json", rope)
+                              Path(args.runs) / f"ppl-base-{kind}.json", rope)
             result["stream_tokens"] = full["stream_tokens"]
             result["rows"].append({"method": kind if kind == "none" else f"{kind} x{far / trained:g}",
                                    "stage": "no fine-tuning", "perplexity": ppl})
@@ -239,7 +241,7 @@ def main() -> None:
         runs = fine_tunes(args.seq_len, trained, far)
         note = []
         for name, flags in runs.items():
-            info = run_fine_tune(name, flags, args, out)
+            info = run_fine_tune(name, flags, args)
             log(f"perplexity after fine-tuning: {name}")
             ppl, full = score(info["run"], args.data, lengths, args.max_tokens, args.batch_size,
                               Path(info["run"]) / "eval" / "ppl-data.json")
