@@ -61,18 +61,25 @@ def test_eval_ppl_scores_a_base_with_each_scaling(base, data_dir, capsys):
     assert "--rope-factor and --original-max-len go with --rope-scaling" in capsys.readouterr().err
 
 
-def test_longlora_fine_tune_resumes_exactly(base, data_dir, tmp_path):
-    flags = ("--rope-scaling", "linear", "--rope-factor", "2", "--lora", "--s2-attn", "--max-steps", "6")
+@pytest.mark.parametrize("method", ["longlora", "clex"])
+def test_long_context_fine_tune_resumes_exactly(base, data_dir, tmp_path, method):
+    """LongLoRA (S2-Attn + LoRA + norms and embeddings) and CLEX (a scale drawn at every step)."""
+    flags = ("--rope-scaling", "linear", "--rope-factor", "2", "--lora", "--s2-attn") if method == "longlora" else \
+        ("--rope-scaling", "clex", "--rope-factor", "4")
+    flags += ("--max-steps", "6")
     assert _extend(base, data_dir, tmp_path / "whole", *flags) == 0
     assert _extend(base, data_dir, tmp_path / "halves", *flags, "--stop-at-step", "3") == 0
     assert main(["pretrain", "--data", str(data_dir), "--out", str(tmp_path / "halves"), "--resume",
                  "--device", "cpu"]) == 0
     saved = (tmp_path / "whole" / "run_config.toml").read_text()
-    assert "s2_group_size = 16" in saved  # a quarter of the training length
     a = ckpt_io.load_state_file(ckpt_io.find_checkpoint(tmp_path / "whole"))
     b = ckpt_io.load_state_file(ckpt_io.find_checkpoint(tmp_path / "halves"))
-    # LongLoRA trains norms and embeddings beside the adapters
-    assert any(k.endswith("norm.weight") for k in a) and "tok_embeddings.weight" in a
+    if method == "longlora":
+        assert "s2_group_size = 16" in saved  # a quarter of the training length
+        # LongLoRA trains norms and embeddings beside the adapters
+        assert any(k.endswith("norm.weight") for k in a) and "tok_embeddings.weight" in a
+    else:
+        assert "rope.clex.down.weight" in a
     assert set(a) == set(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
