@@ -95,8 +95,8 @@ def _longctx_blocks(result: dict) -> list[Block]:
     if result.get("s2"):
         blocks.append(Para("Training step of the fine-tune with LongLoRA's shifted sparse attention against full "
                            "attention (same model and adapters; time per step and peak memory of the process):"))
-        blocks.append(Table(["length", "attention", "group", "step (s)", "tokens/s", "peak memory (MB)"],
-                            [[r["length"], r["attention"], r.get("group") or "", number(r["step_s"]),
+        blocks.append(Table(["model", "length", "attention", "group", "step (s)", "tokens/s", "peak memory (MB)"],
+                            [[r.get("shape", ""), r["length"], r["attention"], r.get("group") or "", number(r["step_s"]),
                               number(r["tokens_per_s"]), number(r["peak_mb"])] for r in result["s2"]]))
     image = Path(result.get("image") or "")
     if image.suffix == ".png" and image.is_file():
