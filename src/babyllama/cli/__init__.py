@@ -8,6 +8,7 @@
                               [--lora | --dora] [--lora-rank R] [--lora-alpha A] [--lora-targets q,k,v,...]
     babyllama lora merge      --ckpt ADAPTER_RUN --out DIR        (adapter folded into plain weights)
     babyllama lora import     --peft DIR --base CKPT --out DIR    (a PEFT adapter as an adapter run)
+    babyllama dpo             --ckpt SFT_RUN --data FILE... --out DIR [--beta B] [--loss sigmoid|ipo] [--lora]
     babyllama generate        --ckpt DIR --prompt TEXT [--chat] [--device D] [--dtype T]
     babyllama chat            --ckpt DIR [--device D] [--dtype T]
     babyllama eval ppl        --ckpt DIR --data DIR|FILE... [--lengths 256,512,1024] [--stride S]
@@ -32,10 +33,10 @@ import os
 import sys
 from pathlib import Path
 
-from babyllama.cli import demo, evaluate, infer, lora, prepare, report, train
+from babyllama.cli import align, demo, evaluate, infer, lora, prepare, report, train
 from babyllama.cli.flags import Args
 
-STAGE_GROUPS = (prepare, train, lora, infer, evaluate, report, demo)  # in the order `babyllama --help` lists their stages
+STAGE_GROUPS = (prepare, train, lora, align, infer, evaluate, report, demo)  # in the order `babyllama --help` lists their stages
 
 
 class Parser(argparse.ArgumentParser):

@@ -100,11 +100,11 @@ def long_context_defaults(args, cfg) -> None:
         cfg.lora.train = ("norms", "embeddings")
 
 
-def sft_run_config(args):
-    """The fine-tuning settings ([train], and [lora] with --lora): the SFT defaults (LoRA's with
-    --lora; or, resuming without --config/--preset, the run's own) <- --preset/--config <- flags.
-    The model comes from --ckpt: `--set model.*` is refused and a [model] table in --config is
-    ignored with a warning, before anything is loaded."""
+def sft_run_config(args, defaults=None):
+    """The fine-tuning settings ([train], and [lora] with --lora): the stage's defaults (`defaults(lora)`,
+    SFT's unless given; LoRA's with --lora; or, resuming without --config/--preset, the run's own)
+    <- --preset/--config <- flags. The model comes from --ckpt: `--set model.*` is refused and a
+    [model] table in --config is ignored with a warning, before anything is loaded."""
     from babyllama.config import ConfigError, RunConfig
 
     for pair in args.set:
@@ -116,7 +116,8 @@ def sft_run_config(args):
         warnings.warn(f"{args.config}: its [model] table is ignored: sft takes the model from --ckpt "
                       f"(--dropout sets dropout while fine-tuning)")
         file.pop("model")
-    from babyllama.finetune.sft import default_sft_train
+    if defaults is None:
+        from babyllama.finetune.sft import default_sft_train as defaults
 
     saved = Path(args.out) / RUN_CONFIG
     own = {}
@@ -125,7 +126,7 @@ def sft_run_config(args):
         own = {k: v for k, v in read_config_file(saved).items() if k in ("train", "lora")}
     cfg = None
     for lora in (False, True):  # LoRA's defaults (its learning rate) once LoRA turns out to be on
-        base = RunConfig.from_dict(own, base=RunConfig(train=default_sft_train(lora)))
+        base = RunConfig.from_dict(own, base=RunConfig(train=defaults(lora)))
         cfg = run_config(args, base=base, file=file)
         if cfg.lora is None or lora:
             return cfg

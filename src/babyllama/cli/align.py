@@ -1,0 +1,63 @@
+"""Preference alignment: `babyllama dpo` (on the one training loop, like sft)."""
+
+from __future__ import annotations
+
+import argparse
+
+from babyllama.cli.flags import Default, add_config_flags, add_encoding_flag, add_lora_flags, add_on_error_flag, \
+    add_run_flags
+
+DPO_HELP = """Direct preference optimisation (or IPO) of an SFT model on (prompt, chosen, rejected) pairs.
+The model as loaded is the reference: its log-probs of every reply are computed once, before
+training. Logged: loss (ln 2 = 0.693 at the start, where the policy is the reference), the implicit
+rewards of chosen and rejected replies (beta x log-ratio), their margin and the preference accuracy,
+on the held-out pairs as val_*.
+
+Layouts (--layout, or per file as FILE::LAYOUT; JSON lines or a JSON array):
+  sharegpt  {"conversations": [{"from": "human", "value": ...}], "chosen": ..., "rejected": ...}
+  alpaca    {"instruction", "input", "output": [chosen, rejected]}
+  qa        {"question", "response_chosen", "response_rejected"}
+  prompt    {"prompt", "chosen", "rejected"}, each a string or a list of {"role", "content"} messages
+A malformed record stops the run with its file and line (--on-error skip counts it and goes on)."""
+
+
+def _dpo_job() -> type:
+    from babyllama.align.dpo import DPOJob
+
+    return DPOJob
+
+
+def cmd_dpo(args) -> None:
+    from babyllama.align.dpo import DPOJob, default_dpo_train, dpo
+    from babyllama.cli.train import report_run, sft_run_config
+
+    cfg = sft_run_config(args, defaults=default_dpo_train)
+    summary = dpo(DPOJob(ckpt=args.ckpt, data=args.data, out=args.out, beta=args.beta, loss=args.loss,
+                         train=cfg.train, lora=cfg.lora, layout=args.layout, val_fraction=args.val_fraction,
+                         on_error=args.on_error, encoding=args.encoding, resume=args.resume,
+                         overwrite=args.overwrite, stop_at_step=args.stop_at_step,
+                         allow_unverified=args.allow_unverified))
+    report_run(summary)
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("dpo", help="align an SFT model on preference pairs (DPO / IPO)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description=DPO_HELP)
+    p.add_argument("--ckpt", required=True, help="the SFT run (or checkpoint): the policy and its reference")
+    p.add_argument("--data", nargs="+", required=True, metavar="FILE", help="preference files (FILE or FILE::LAYOUT)")
+    p.add_argument("--out", required=True, help="run directory for the aligned model")
+    p.add_argument("--beta", type=float,
+                   help="strength of the pull towards the reference (default 0.1; resuming: the run's)")
+    p.add_argument("--loss", choices=["sigmoid", "ipo"],
+                   help="sigmoid: DPO; ipo: IPO's squared loss on per-token log-ratios (default sigmoid; "
+                        "resuming: the run's)")
+    p.add_argument("--layout", default=Default(_dpo_job, "layout"),
+                   help="record layout, unless given per file as FILE::LAYOUT (default %(default)s; see above)")
+    p.add_argument("--val-fraction", type=float,
+                   help="share of pairs held out (default 0.05; resuming: the run's)")
+    add_on_error_flag(p, _dpo_job)
+    add_encoding_flag(p, _dpo_job)
+    add_run_flags(p)
+    add_config_flags(p, model=False)
+    add_lora_flags(p, "preference alignment; without --lr, lr 5e-4 (full: 5e-6)")
+    p.set_defaults(func=cmd_dpo)
