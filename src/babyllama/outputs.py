@@ -53,7 +53,7 @@ TOKENIZER = OutputKind("tokenizer", ("tokenizer.model", "tokenizer.json"),
                        ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"))
 RUN = OutputKind("training run", ("run.json", "run_config.toml"),
                  ("run.json", "run_config.toml", "checkpoints", "tokenizer", "metrics.jsonl", "metrics.jsonl.tmp",
-                  "loss.png", "sft_data.json", "dpo_data.json", "tensorboard", "eval", "environment.json", "report.md", "report.html",
+                  "loss.png", "sft_data.json", "dpo_data.json", "reward_data.json", "tensorboard", "eval", "environment.json", "report.md", "report.html",
                   "report", ".lock"))
 DEMO = OutputKind("demo directory", ("demo.json", "report.json"),
                   ("demo.json", "corpus", "tokenizer", "data", "pretrain", "sft", "sft_scratch", "sft_lora", "sft_probe",

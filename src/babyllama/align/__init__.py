@@ -1,5 +1,3 @@
-"""Preference alignment on the one training loop: DPO / IPO (dpo.py); reward models and RL next."""
+"""Preference alignment on the one training loop: DPO / IPO (dpo.py); reward models and RL next.
 
-from babyllama.align.dpo import DPOJob, PreferencePairs, dpo
-
-__all__ = ["DPOJob", "PreferencePairs", "dpo"]
+Stages are functions of their module (`babyllama.align.dpo.dpo(DPOJob(...))`), as `finetune.sft.sft`."""

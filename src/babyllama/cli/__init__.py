@@ -9,6 +9,7 @@
     babyllama lora merge      --ckpt ADAPTER_RUN --out DIR        (adapter folded into plain weights)
     babyllama lora import     --peft DIR --base CKPT --out DIR    (a PEFT adapter as an adapter run)
     babyllama dpo             --ckpt SFT_RUN --data FILE... --out DIR [--beta B] [--loss sigmoid|ipo] [--lora]
+    babyllama reward train    --ckpt SFT_RUN --data FILE... --out DIR   (a Bradley-Terry reward model)
     babyllama generate        --ckpt DIR --prompt TEXT [--chat] [--device D] [--dtype T]
     babyllama chat            --ckpt DIR [--device D] [--dtype T]
     babyllama eval ppl        --ckpt DIR --data DIR|FILE... [--lengths 256,512,1024] [--stride S]

@@ -233,14 +233,16 @@ def collate_pairs(samples: list[PairSample], pad_id: int):
 
 
 class PairBatches(ShuffledBatches):
-    """Shuffled, resumable micro-batches of pairs (rank r takes every world_size-th pair)."""
+    """Shuffled, resumable micro-batches of pairs (rank r takes every world_size-th pair), made by
+    `collate(samples, pad_id)`: DPO's `collate_pairs` by default, a reward model's its own."""
 
     def __init__(self, samples: list[PairSample], batch_size: int, pad_id: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, collate=None):
         if len(samples) < batch_size * world_size:
             raise DataError(f"{len(samples)} preference pairs are fewer than one batch ({batch_size * world_size})")
         self.samples, self.pad_id, self.num_items = samples, pad_id, len(samples)
+        self.collate = collate or collate_pairs
         super().__init__(batch_size, seed, rank, world_size)
 
     def make_batch(self, indices):
-        return collate_pairs([self.samples[int(i)] for i in indices], self.pad_id)
+        return self.collate([self.samples[int(i)] for i in indices], self.pad_id)
