@@ -79,3 +79,24 @@ def test_reward_training_resumes_exactly(base, tmp_path):
     assert set(a) == set(b) and a["output.weight"].shape[0] == 1
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_a_reward_model_run_serves_as_an_rl_reward(tokenizer, tmp_path):
+    from babyllama.adapters.heads import ScalarHead
+    from babyllama.align.rewards import ModelReward
+    from babyllama.config import ConfigError
+    from babyllama.transforms import applied, apply_transforms
+
+    torch.manual_seed(3)
+    model = apply_transforms(Llama(tiny_model_config(vocab_size=tokenizer.vocab_size, max_seq_len=64)), [ScalarHead()])
+    ckpt_io.save_checkpoint(tmp_path / "rm", 0, model, model.config, transforms=applied(model))
+    reward = ModelReward(str(tmp_path / "rm"))
+    seqs = [[5, 6, 7, 8], [9, 10]]
+    got = reward.score(seqs, tokenizer.pad_id)
+    with torch.no_grad():
+        want = [model.eval()(torch.tensor([s]))[0, -1, 0].item() for s in seqs]
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    plain = Llama(tiny_model_config(vocab_size=tokenizer.vocab_size, max_seq_len=64))
+    ckpt_io.save_checkpoint(tmp_path / "lm", 0, plain, plain.config)
+    with pytest.raises(ConfigError, match="is not a reward model"):
+        ModelReward(str(tmp_path / "lm"))
