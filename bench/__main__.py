@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--only train|generate|data|eval|lora|dpo|longctx]`: every benchmark in turn, then one report of all tables.
+"""`python -m bench [--quick] [--only train|generate|data|eval|lora|dpo|rollout|longctx]`: every benchmark in turn, then one report of all tables.
 
 The long-context table (bench/longctx.py: fine-tunes a demo run, ~30 min) runs only when asked by name.
 
@@ -23,7 +23,7 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="fewer repetitions; the training benchmark runs the demo config only")
-    p.add_argument("--only", choices=["train", "generate", "data", "eval", "lora", "dpo", "longctx"],
+    p.add_argument("--only", choices=["train", "generate", "data", "eval", "lora", "dpo", "rollout", "longctx"],
                    help="run one benchmark (longctx runs only when named: it needs the demo's run and ~30 min)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the benchmarks that use torch")
     args = p.parse_args()
@@ -51,6 +51,10 @@ def main() -> None:
     if args.only in (None, "dpo"):
         log("DPO training step: ours vs TRL's DPOTrainer")
         tables.append(_in_child("bench.dpo_vs_trl", "--threads", str(args.threads),
+                                *(["--quick"] if args.quick else [])))
+    if args.only in (None, "rollout"):
+        log("GRPO rollout generation: ours vs transformers generate")
+        tables.append(_in_child("bench.rollout_vs_hf", "--threads", str(args.threads),
                                 *(["--quick"] if args.quick else [])))
     if args.only == "longctx":
         log("long context: perplexity by length for every RoPE scaling, S2-Attn against full attention")

@@ -179,13 +179,17 @@ class GroupRollouts:
         convs = [self.prompts[i] for i in prompt_indices]
         prompt_ids = [self.template.prompt_ids(c) for c in convs]
         rows = [ids for ids in prompt_ids for _ in range(G)]
-        base = (self.seed * 7_919 + where * 104_729 + self.rank * 15_485_863) % 2**62
-        sampling = [SamplingConfig(temperature=self.temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
-                                   seed=base + i) for i in range(len(rows))]
+        seed = (self.seed * 7_919 + where * 104_729 + self.rank * 15_485_863) % 2**62
+        sampling = SamplingConfig(temperature=self.temperature, top_k=0, top_p=1.0, repetition_penalty=1.0)
         training = self.policy.training
         engine = Engine(self.policy, self.tok, compile_step=False)  # puts the policy in eval mode
         room = max(1, self.policy.config.max_seq_len - max(len(r) for r in rows))
-        outs = engine.generate(rows, min(self.max_new_tokens, room), sampling, stop_ids=[self.template.end_id])
+        # one draw for the whole batch per step, from a generator seeded by the rollout's place:
+        # the rows of a group differ, and a resumed run samples what the uninterrupted one did
+        devices = [self.policy.rope.cos.device] if self.policy.rope.cos.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            outs = engine.generate(rows, min(self.max_new_tokens, room), sampling, stop_ids=[self.template.end_id])
         self.policy.train(training)
         completions = []
         for ids in outs:  # a reply that ended closes with <|im_end|>, learned like every reply token

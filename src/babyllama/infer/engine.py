@@ -174,6 +174,11 @@ class Engine:
         greedy = [s.temperature <= 0 for s in samplings]
         if all(greedy):  # one argmax for the whole batch
             return sample_next(logits, samplings[0])
+        first = samplings[0]
+        if all(g is None for g in generators) and all(
+                (s.temperature, s.top_k, s.top_p) == (first.temperature, first.top_k, first.top_p) for s in samplings):
+            # unseeded rows alike: one draw for the batch (per-row draws cost ~2x on small models)
+            return sample_next(logits, first)
         return torch.cat([sample_next(logits[i:i + 1], s, generator=g)
                           for i, (s, g) in enumerate(zip(samplings, generators))])
 
