@@ -135,7 +135,7 @@ class GroupRollouts:
     """A batch source whose batches are fresh rollouts of the current policy (see the module doc).
 
     Prompts come in a shuffled, resumable order (the same as SFT's batches); each rollout's
-    sampling seeds follow from the run's seed and the rollout's place in that order, so a resumed
+    sampling seed follows from the run's seed and the rollout's place in that order, so a resumed
     run samples what the uninterrupted one did."""
 
     def __init__(self, policy, reference, tokenizer, prompts: list, reward, group_size: int = 8,
