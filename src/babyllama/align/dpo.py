@@ -179,7 +179,12 @@ def _build(job: DPOJob, env):
     cfg = model.config
     train, val, report = build_pairs(job.data, template, cfg.max_seq_len + 1, job.layout, job.val_fraction,
                                      job.on_error, job.encoding, verbose=show)
-    # the reference is the model as loaded: its log-probs once, before any adapter or step changes it
+    # the reference is the model as loaded: its log-probs once, before any adapter or step changes
+    # it, on the device training will use (the Trainer moves the model there anyway)
+    from babyllama.runtime import pick_device
+    from babyllama.train.distributed import rank_device
+
+    model.to(rank_device(pick_device(job.train.device), env))
     reference_logps(model, train + val, tok.pad_id, progress=show)
     model.train()
     base = attach_lora(model, job.lora, src_ckpt, job.train.seed, chat_ids=(template.start_id, template.end_id))
