@@ -296,8 +296,9 @@ def worker(kind: str, config: str, threads: int, warmup: int, steps: int) -> dic
 
 # --- the check: same batch, same loss ------------------------------------------------------------------
 
-def _trl_batch_as_ours(batch: dict, pad_id: int):
-    """TRL's collated batch (chosen rows, then rejected rows; right-padded) as our (tokens, targets)."""
+def trl_batch_as_ours(batch: dict, pad_id: int):
+    """TRL's collated batch (chosen rows, then rejected rows; right-padded) as our (tokens, targets)
+    (also used by tests/align/test_dpo_vs_trl.py)."""
     import torch
 
     from babyllama.config import IGNORE_INDEX
@@ -350,7 +351,7 @@ def check(threads: int) -> dict:
     samples = our_samples(pairs)
     reference_logps(reference, samples, PAD_ID, batch_size=n)
     tokens, targets, ref = collate_pairs(samples, PAD_ID)
-    trl_tokens, trl_targets = _trl_batch_as_ours(batch, PAD_ID)
+    trl_tokens, trl_targets = trl_batch_as_ours(batch, PAD_ID)
     assert torch.equal(tokens, trl_tokens) and torch.equal(targets, trl_targets), "TRL's batch is not ours"
     policy.train()
     with torch.no_grad():

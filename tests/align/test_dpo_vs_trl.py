@@ -17,6 +17,7 @@ import torch
 trl = pytest.importorskip("trl")
 
 from babyllama.align.dpo import PreferencePairs, sequence_logps  # noqa: E402
+from bench.dpo_vs_trl import trl_batch_as_ours  # noqa: E402  (TRL's rows as our pairs)
 from babyllama.config import IGNORE_INDEX  # noqa: E402
 from babyllama.data.preference import PairSample, collate_pairs  # noqa: E402
 from babyllama.export.hf import to_hf_model  # noqa: E402
@@ -78,24 +79,6 @@ def _trainer(tmp_path, loss: str, policy, reference, tokenizer):
                       train_dataset=dataset, processing_class=tokenizer)
 
 
-def _ours(batch: dict, pad_id: int):
-    """TRL's collated batch (chosen rows, then rejected rows; right-padded) as our (tokens, targets)."""
-    ids, attn, comp = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-    n = ids.shape[0] // 2
-    width = int(attn.sum(-1).max()) - 1
-    tokens = torch.full((n, 2, width), pad_id, dtype=torch.long)
-    targets = torch.full((n, 2, width), IGNORE_INDEX, dtype=torch.long)
-    for i in range(n):
-        for side in range(2):
-            row = side * n + i
-            length = int(attn[row].sum())
-            assert attn[row, :length].all() and not attn[row, length:].any(), "TRL padded on the left"
-            seq, reply = ids[row, :length], comp[row, :length].bool()
-            tokens[i, side, :length - 1] = seq[:-1]
-            targets[i, side, :length - 1] = seq[1:].masked_fill(~reply[1:], IGNORE_INDEX)
-    return tokens, targets
-
-
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 @pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
 def test_dpo_objective_matches_trl(tmp_path, loss):
@@ -114,7 +97,7 @@ def test_dpo_objective_matches_trl(tmp_path, loss):
     trl_ref_chosen, trl_ref_rejected = trainer.compute_ref_log_probs(trainer.ref_model, batch)
 
     # the same batch in our layout, and the same pairs through our own collation of (ids, labels)
-    tokens, targets = _ours(batch, tokenizer.pad_token_id)
+    tokens, targets = trl_batch_as_ours(batch, tokenizer.pad_token_id)
     samples = [PairSample(*[(e["prompt_ids"] + e[side], [IGNORE_INDEX] * len(e["prompt_ids"]) + e[side])
                             for side in ("chosen_ids", "rejected_ids")]) for e in examples]
     c_tokens, c_targets, _ = collate_pairs(samples, tokenizer.pad_token_id)
