@@ -89,41 +89,36 @@ def read_prompts(path: str) -> list[list]:
     {"messages"} or {"conversations"} (a trailing assistant turn is dropped: its prompt is kept)."""
     from pathlib import Path
 
-    from babyllama.corpus.readers import DataError, check_readable
+    from babyllama.corpus.readers import DataError, ReadStats, check_readable
     from babyllama.data.preference import _prompt
-    from babyllama.data.sft import _records, _Unreadable
+    from babyllama.data.sft import checked_records
     from babyllama.tokenizer.chat import Message
 
     path = Path(path)
     check_readable(path)
-    out = []
     if path.suffix == ".txt":
         return [[Message("user", line.strip())] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    for where, rec, unit in _records(path):
-        loc = f"{path}: {unit} {where}"
-        try:
-            if isinstance(rec, _Unreadable):
-                raise ValueError(rec.why)
-            if not isinstance(rec, dict):
-                raise TypeError("a record is not a JSON object")
-            if "prompt" in rec:
-                msgs = _prompt(rec["prompt"])
-            elif "question" in rec:
-                msgs = _prompt(rec["question"])
-            elif "instruction" in rec:
-                msgs = _prompt(rec["instruction"] + (f"\n{rec['input']}" if rec.get("input") else ""))
-            elif "messages" in rec or "conversations" in rec:
-                msgs = _prompt(rec.get("messages", rec.get("conversations")))
-            else:
-                raise KeyError("prompt")
-            while msgs and msgs[-1].role == "assistant":
-                msgs = msgs[:-1]
-            if not msgs or msgs[-1].role != "user" or not msgs[-1].content.strip():
-                raise ValueError("no user turn to answer")
-        except (KeyError, TypeError, ValueError) as e:
-            why = f"missing field {e}" if isinstance(e, KeyError) else str(e)
-            raise DataError(f"{loc}: {why}") from None
-        out.append(msgs)
+
+    def convert(rec):
+        if not isinstance(rec, dict):
+            raise TypeError("a record is not a JSON object")
+        if "prompt" in rec:
+            msgs = _prompt(rec["prompt"])
+        elif "question" in rec:
+            msgs = _prompt(rec["question"])
+        elif "instruction" in rec:
+            msgs = _prompt(rec["instruction"] + (f"\n{rec['input']}" if rec.get("input") else ""))
+        elif "messages" in rec or "conversations" in rec:
+            msgs = _prompt(rec.get("messages", rec.get("conversations")))
+        else:
+            raise KeyError("prompt")
+        while msgs and msgs[-1].role == "assistant":
+            msgs = msgs[:-1]
+        if not msgs or msgs[-1].role != "user" or not msgs[-1].content.strip():
+            raise ValueError("no user turn to answer")
+        return msgs
+
+    out = [msgs for _, msgs in checked_records(path, "auto", ReadStats(), "raise", "utf-8", convert)]
     if not out:
         raise DataError(f"{path}: no prompts")
     return out

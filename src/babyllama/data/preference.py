@@ -22,8 +22,8 @@ from typing import Any, Iterator
 from babyllama.config import IGNORE_INDEX
 from babyllama.corpus.readers import DataError, ReadStats, check_readable, split_input_spec
 from babyllama.data.batches import ShuffledBatches
-from babyllama.data.sft import BadRecord, SFTStats, _records, _Unreadable, _why, fit_to_window, \
-    is_validation_conversation, read_summary
+from babyllama.data.sft import BadRecord, SFTStats, checked_records, fit_to_window, is_validation_conversation, \
+    read_summary
 from babyllama.tokenizer.chat import Message
 
 PREFERENCE_LAYOUTS = ("auto", "sharegpt", "alpaca", "qa", "prompt")
@@ -144,22 +144,13 @@ def read_pairs(path: str | Path, layout: str = "auto", stats: ReadStats | None =
         raise DataError(f"{path}: unknown preference layout '{layout}' (choose from {', '.join(PREFERENCE_LAYOUTS)})")
     stats = stats if stats is not None else ReadStats()
     fmt = layout
-    for where, rec, unit in _records(path, "auto", encoding):
-        loc = f"{path}: {unit} {where}"
-        try:
-            if isinstance(rec, _Unreadable):
-                raise BadRecord(rec.why)
-            fmt = detect_layout(rec) if fmt == "auto" else fmt
-            pair = to_pair(rec, fmt)
-        except DataError as e:
-            raise DataError(f"{loc}: {e}") from None
-        except (KeyError, TypeError, ValueError) as e:
-            why, reason = _why(e)
-            if on_error == "raise":
-                raise DataError(f"{loc}: {why}") from None
-            stats.skip(loc, why, reason)
-            continue
-        stats.documents += 1
+
+    def convert(rec: Any) -> PreferencePair:
+        nonlocal fmt
+        fmt = detect_layout(rec) if fmt == "auto" else fmt
+        return to_pair(rec, fmt)
+
+    for _, pair in checked_records(path, "auto", stats, on_error, encoding, convert):
         yield pair
 
 

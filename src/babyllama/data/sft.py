@@ -250,13 +250,30 @@ def read_conversations(path: str | Path, layout: str = "auto", stats: ReadStats 
     if layout == "auto" and container_of(path) == "csv":
         layout = "csv"
     fmt = "csv" if layout.startswith("csv") else layout
+
+    def convert(rec: Any):
+        nonlocal fmt
+        fmt = detect_layout(rec) if fmt == "auto" else fmt
+        return check_conversation(to_messages(rec, fmt))
+
+    for loc, (msgs, fixed) in checked_records(path, layout, stats, on_error, encoding, convert):
+        if fixed:
+            stats.fix(loc, fixed)
+        yield msgs
+
+
+def checked_records(path: Path, layout: str, stats: ReadStats, on_error: str, encoding: str,
+                    convert) -> Iterator[tuple[str, Any]]:
+    """(where, convert(record)) for each record of a file that converts. A record that cannot be read,
+    or that `convert` rejects with KeyError/TypeError/ValueError, is counted in `stats` with file,
+    line and reason (on_error='skip') or stops the run with a DataError naming them ('raise'); a
+    DataError from `convert` (the file as a whole is wrong) always stops it, with the place."""
     for where, rec, unit in _records(path, layout, encoding):
         loc = f"{path}: {unit} {where}"
         try:
             if isinstance(rec, _Unreadable):
                 raise BadRecord(rec.why)
-            fmt = detect_layout(rec) if fmt == "auto" else fmt
-            msgs, fixed = check_conversation(to_messages(rec, fmt))
+            value = convert(rec)
         except DataError as e:
             raise DataError(f"{loc}: {e}") from None
         except (KeyError, TypeError, ValueError) as e:
@@ -265,10 +282,8 @@ def read_conversations(path: str | Path, layout: str = "auto", stats: ReadStats 
                 raise DataError(f"{loc}: {why}") from None
             stats.skip(loc, why, reason)
             continue
-        if fixed:
-            stats.fix(loc, fixed)
         stats.documents += 1
-        yield msgs
+        yield loc, value
 
 
 def _why(e: Exception) -> tuple[str, str]:
