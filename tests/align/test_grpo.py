@@ -4,12 +4,14 @@ few steps while the KL to the reference stays small, and a paused run resumes ex
 
 import json
 import math
+from functools import partial
 
 import pytest
 import torch
 
 import babyllama.checkpoint as ckpt_io
-from babyllama.align.grpo import GroupRollouts, group_advantages, grpo_loss, read_prompts
+from babyllama.align.grpo import group_advantages, group_batch, grpo_loss
+from babyllama.align.rl import Rollouts, read_prompts
 from babyllama.align.rewards import load_reward_fn, no_repetition, tidy_answer
 from babyllama.cli import main
 from babyllama.config import ConfigError, IGNORE_INDEX
@@ -85,9 +87,9 @@ def test_rollouts_score_the_completion_tokens_only(tokenizer):
     from babyllama.tokenizer.chat import Message
 
     prompts = [[Message("user", "你好")], [Message("user", "今天天气怎么样？")]]
-    source = GroupRollouts(model, model, tokenizer, prompts, lambda p, c: float(len(c)), group_size=3,
-                           prompts_per_batch=2, max_new_tokens=6, seed=1)
-    tokens, targets, adv, ref, rewards = source.next_batch()
+    source = Rollouts(model, model, tokenizer, prompts, lambda p, c: float(len(c)),
+                      partial(group_batch, group_size=3), group_size=3, prompts_per_batch=2, max_new_tokens=6, seed=1)
+    tokens, targets, old, ref, rewards, adv = source.next_batch()
     assert tokens.shape[0] == 6 and adv.shape == rewards.shape == (6,)
     template = ChatTemplate(tokenizer)
     for row in range(6):
@@ -96,26 +98,8 @@ def test_rollouts_score_the_completion_tokens_only(tokenizer):
         assert scored[0] == len(prompt) - 1  # the first completion token is predicted from the prompt's end
         assert scored == list(range(scored[0], scored[0] + len(scored)))
         assert (ref[row][targets[row] == IGNORE_INDEX] == 0).all() and (ref[row][scored] < 0).all()
+        assert torch.equal(old[row], ref[row])  # the policy is its own reference here
     assert model.training  # generation left the policy as it found it
-
-
-@pytest.fixture(scope="module")
-def sft_run(tmp_path_factory, tokenizer):
-    """A tiny model that answers 答案是好。 or 答案是坏，不好。 at random."""
-    root = tmp_path_factory.mktemp("grpo")
-    cfg = tiny_model_config(vocab_size=tokenizer.vocab_size, max_seq_len=64)
-    torch.manual_seed(0)
-    ckpt_io.save_checkpoint(root / "random", 0, Llama(cfg), cfg)
-    tokenizer.save(root / "random" / "tokenizer")
-    rows = [{"question": f"第{i}个问题是什么？", "response": "答案是好。" if i % 2 else "答案是坏，不好。"} for i in range(200)]
-    (root / "sft.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
-    assert main(["sft", "--ckpt", str(root / "random"), "--data", str(root / "sft.jsonl"), "--out", str(root / "sft"),
-                 "--device", "cpu", "--max-steps", "80", "--lr", "3e-3", "--batch-size", "8",
-                 "--set", "train.eval_interval=80", "--set", "train.warmup_steps=5"]) == 0
-    (root / "prompts.txt").write_text("\n".join(f"第{i}个问题是什么？" for i in range(40)), encoding="utf-8")
-    (root / "reward.py").write_text("def good(prompt, completion):\n"
-                                    "    return float('好' in completion and '坏' not in completion)\n", encoding="utf-8")
-    return root
 
 
 def _rl(root, out, *extra):

@@ -10,7 +10,7 @@
     babyllama lora import     --peft DIR --base CKPT --out DIR    (a PEFT adapter as an adapter run)
     babyllama dpo             --ckpt SFT_RUN --data FILE... --out DIR [--beta B] [--loss sigmoid|ipo] [--lora]
     babyllama reward train    --ckpt SFT_RUN --data FILE... --out DIR   (a Bradley-Terry reward model)
-    babyllama rl --algo grpo  --ckpt SFT_RUN --prompts FILE --out DIR --reward-fn MODULE:FUNC | --reward RM_RUN
+    babyllama rl --algo grpo|ppo --ckpt SFT_RUN --prompts FILE --out DIR --reward-fn MODULE:FUNC | --reward RM_RUN
     babyllama generate        --ckpt DIR --prompt TEXT [--chat] [--device D] [--dtype T]
     babyllama chat            --ckpt DIR [--device D] [--dtype T]
     babyllama eval ppl        --ckpt DIR --data DIR|FILE... [--lengths 256,512,1024] [--stride S]

@@ -107,63 +107,78 @@ def add_reward_parsers(sub) -> None:
     p.set_defaults(func=cmd_reward_train)
 
 
-def _grpo_job() -> type:
-    from babyllama.align.grpo import GRPOJob
+def _rl_job() -> type:
+    from babyllama.align.rl import RLJob
 
-    return GRPOJob
+    return RLJob
 
 
-RL_HELP = """Reinforcement learning from a reward: GRPO samples --group-size completions of each prompt with
-the current policy (the inference engine's batched KV-cache decoding), rewards each, normalises the
-rewards within the group (the advantages) and takes a clipped policy-gradient step with a KL
-penalty (--beta) to the model as loaded. --batch-size counts prompts per micro-batch.
+RL_HELP = """Reinforcement learning from a reward, on rollouts of the current policy: --group-size
+completions of each prompt, sampled with the inference engine's batched KV-cache decoding, each
+rewarded. --batch-size counts prompts per micro-batch; --epochs optimisation steps per rollout.
+
+  grpo  the rewards normalised within each prompt's group are the advantages; a clipped
+        policy-gradient step with a KL penalty (--beta, default 0.04) to the model as loaded.
+  ppo   a value head on the policy's own trunk; per-token rewards are the KL penalty to the model
+        as loaded (--beta, default 0.05) plus the reward at the last token; GAE (--gamma, --lam)
+        gives the advantages; clipped policy loss + --vf-coef x clipped value loss (--value-clip).
 
 A reward is a Python function (prompt, completion) -> float (--reward-fn MODULE:FUNC or
 path/file.py:FUNC; ready ones: babyllama.align.rewards:no_repetition, :ends_in_punctuation,
 :tidy_answer) or a reward model (--reward RUN, from `babyllama reward train`).
 Prompts: a .txt file (one a line) or JSON lines / array of {"prompt"}, {"question"},
 {"instruction", "input"} or {"messages"} records. Logged: reward, kl, clip_fraction, entropy (the
-mean -log p of the sampled tokens) and completion_len. PPO is not implemented yet."""
+mean -log p of the sampled tokens), completion_len, and PPO's value_loss."""
 
 
 def cmd_rl(args) -> None:
-    from babyllama.align.grpo import GRPOJob, default_grpo_train, grpo
+    from babyllama.align.rl import RLJob, default_rl_train, rl
     from babyllama.cli.train import report_run, sft_run_config
-    from babyllama.config import ConfigError
 
-    if args.algo != "grpo":
-        raise ConfigError(f"--algo {args.algo}: only grpo is implemented so far (PPO is planned)")
-    cfg = sft_run_config(args, defaults=default_grpo_train)
-    summary = grpo(GRPOJob(ckpt=args.ckpt, prompts=args.prompts, out=args.out, reward_fn=args.reward_fn,
-                           reward_model=args.reward, group_size=args.group_size,
-                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, beta=args.beta,
-                           clip=args.clip, train=cfg.train, lora=cfg.lora, resume=args.resume,
-                           overwrite=args.overwrite, stop_at_step=args.stop_at_step,
-                           allow_unverified=args.allow_unverified))
+    cfg = sft_run_config(args, defaults=default_rl_train)
+    summary = rl(RLJob(ckpt=args.ckpt, prompts=args.prompts, out=args.out, algo=args.algo, reward_fn=args.reward_fn,
+                       reward_model=args.reward, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, beta=args.beta, clip=args.clip, epochs=args.epochs,
+                       gamma=args.gamma, lam=args.lam, vf_coef=args.vf_coef, value_clip=args.value_clip,
+                       train=cfg.train, lora=cfg.lora, resume=args.resume, overwrite=args.overwrite,
+                       stop_at_step=args.stop_at_step, allow_unverified=args.allow_unverified))
     report_run(summary)
 
 
 def add_rl_parser(sub) -> None:
-    p = sub.add_parser("rl", help="reinforcement learning from a reward (GRPO)",
+    p = sub.add_parser("rl", help="reinforcement learning from a reward (GRPO, PPO)",
                        formatter_class=argparse.RawDescriptionHelpFormatter, description=RL_HELP)
-    p.add_argument("--algo", choices=["grpo", "ppo"], default="grpo", help="grpo (default); ppo is planned")
+    p.add_argument("--algo", choices=["grpo", "ppo"], default=Default(_rl_job, "algo"),
+                   help="the algorithm (default %(default)s)")
     p.add_argument("--ckpt", required=True, help="the SFT run (or checkpoint): the policy and its reference")
     p.add_argument("--prompts", required=True, metavar="FILE", help="prompts to answer (see above)")
     p.add_argument("--out", required=True, help="run directory for the trained policy")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--reward-fn", metavar="MODULE:FUNC", help="a Python reward function (prompt, completion) -> float")
     g.add_argument("--reward", metavar="RUN", help="a reward model run (`babyllama reward train`)")
-    p.add_argument("--group-size", type=int, default=Default(_grpo_job, "group_size"),
+    p.add_argument("--group-size", type=int, default=Default(_rl_job, "group_size"),
                    help="completions sampled per prompt (default %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=Default(_grpo_job, "max_new_tokens"),
+    p.add_argument("--max-new-tokens", type=int, default=Default(_rl_job, "max_new_tokens"),
                    help="tokens per completion at most (default %(default)s)")
-    p.add_argument("--temperature", type=float, default=Default(_grpo_job, "temperature"),
+    p.add_argument("--temperature", type=float, default=Default(_rl_job, "temperature"),
                    help="sampling temperature of the rollouts (default %(default)s)")
-    p.add_argument("--beta", type=float, default=Default(_grpo_job, "beta"),
-                   help="weight of the KL penalty to the reference (default %(default)s)")
-    p.add_argument("--clip", type=float, default=Default(_grpo_job, "clip"),
+    p.add_argument("--beta", type=float,
+                   help="weight of the KL penalty to the reference (default 0.04 for grpo, 0.05 for ppo)")
+    p.add_argument("--clip", type=float, default=Default(_rl_job, "clip"),
                    help="ratio clipping epsilon (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=Default(_rl_job, "epochs"),
+                   help="optimisation steps per rollout (default %(default)s)")
+    ppo = p.add_argument_group("PPO")
+    ppo.add_argument("--gamma", type=float, default=Default(_rl_job, "gamma"),
+                     help="discount over a completion's tokens (default %(default)s)")
+    ppo.add_argument("--lam", type=float, default=Default(_rl_job, "lam"),
+                     help="GAE's lambda (default %(default)s)")
+    ppo.add_argument("--vf-coef", type=float, default=Default(_rl_job, "vf_coef"),
+                     help="weight of the value loss (default %(default)s)")
+    ppo.add_argument("--value-clip", type=float, default=Default(_rl_job, "value_clip"),
+                     help="how far a value may move from the rollout's before its loss is clipped "
+                          "(default %(default)s)")
     add_run_flags(p)
     add_config_flags(p, model=False)
-    add_lora_flags(p, "RL; without --lr, lr 5e-4 (full: 1e-5)")
+    add_lora_flags(p, "GRPO; without --lr, lr 5e-4 (full: 1e-5)")
     p.set_defaults(func=cmd_rl)

@@ -164,7 +164,8 @@ class DecodeLayout:
         compiled = compiler_available() if self.compiled is None else self.compiled
 
         def swap(name: str, module: nn.Module):
-            if type(module) is not nn.Linear or name.startswith("rope."):  # CLEX's ODE is no projection
+            # CLEX's ODE and PPO's value head are no projections decoding runs
+            if type(module) is not nn.Linear or name.startswith(("rope.", "value_head.")):
                 return None
             if module.bias is not None:
                 raise ValueError(f"{name}: the decoding layout expects bias-free projections (the Llama here has none)")
