@@ -1,6 +1,6 @@
-"""GRPO rollout generation speed: our Engine, as `GroupRollouts.rollout` drives it, against `transformers` `generate`.
+"""GRPO rollout generation speed: our Engine, as `Rollouts.rollout` drives it, against `transformers` `generate`.
 
-One rollout is what align/grpo.py's `GroupRollouts.rollout` generates per batch: 2 prompts x a group
+One rollout is what align/rl.py's `Rollouts.rollout` generates per batch: 2 prompts x a group
 of 8 = 16 rows, each prompt repeated 8 times, sampled at temperature 1 (no top-k, no top-p, no
 repetition penalty), one draw per step for the whole batch from the torch generator seeded for
 the rollout (`torch.random.fork_rng` + `manual_seed`, as the rollout does). Here the prompts are 32 random token
@@ -102,7 +102,7 @@ def worker(kind: str, config: str, new_tokens: int, threads: int, reps: int) -> 
             from babyllama.infer.decode import prepare_for_decoding
 
             model = prepare_for_decoding(model)
-        model = Engine(model, None, compile_step=False)  # as GroupRollouts.rollout builds it
+        model = Engine(model, None, compile_step=False)  # as Rollouts.rollout builds it
         run = ours
     run(model, rows, new_tokens, seed=10_000)  # warm-up, the full rollout, not timed
     times = [run(model, rows, new_tokens, seed=1_000 * (r + 1)) for r in range(reps)]

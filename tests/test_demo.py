@@ -145,3 +145,42 @@ def test_the_demo_ends_with_its_evaluations_and_a_run_report(tmp_path, tokenizer
         assert "Learning curve" in text and "perplexity" in text.lower() and "sft_scratch" in text
         assert "LoRA against full fine-tuning" in text and "78.0%" in text and "sft_lora" in text
     assert result["report"]["html"] == str(out / "report.html")
+
+
+@pytest.mark.slow
+def test_the_alignment_stage_measures_three_models_and_is_reused(tiny_demo, data_dir, monkeypatch, capsys):
+    """run_alignment on a tiny model, in seconds: GRPO and DPO runs from the pretrained model, the
+    same figures for all three, alignment.json, the report's section; a rerun trains nothing."""
+    import babyllama.demo as demo
+
+    out, _ = tiny_demo
+    corpus = {}
+    for split, n in (("reviews", 40), ("heldout", 20)):
+        path = out / "corpus" / f"long_{split}.jsonl"
+        path.write_text("".join(json.dumps({"text": f"这家店的服务很好，价格也实惠，第{i}次来了，下次还会再来。",
+                                            "label": "positive"}, ensure_ascii=False) + "\n" for i in range(n)),
+                        encoding="utf-8")
+        corpus[split] = str(path)
+    for name, value in (("ALIGN_HELDOUT", 6), ("ALIGN_DPO_PAIRS", (12, 6)), ("ALIGN_NEW_TOKENS", 8),
+                        ("ALIGN_GRPO_STEPS", 2), ("ALIGN_DPO_STEPS", 2), ("ALIGN_LOOPING", 0.0)):
+        monkeypatch.setattr(demo, name, value)
+    cfg = demo.DemoConfig(out=str(out))
+    results = demo.run_alignment(cfg, out, corpus, data_dir, "8/9")
+    for name in ("pretrain", "grpo", "dpo"):
+        row = results[name]
+        for mode in ("greedy", "t0.5"):
+            assert 0 <= row[mode]["repeated_4gram_rate"] <= 1 and 0 <= row[mode]["reward"] <= 1
+        assert row["perplexity"] > 1 and row["preference"]["pairs"] == 6
+        assert 0 <= row["preference"]["accuracy"] <= 1
+    assert results["grpo"]["settings"]["algo"] == "grpo" and results["grpo"]["settings"]["chat"] is False
+    assert results["grpo"]["kl_last_steps"] >= 0
+    # the policy as loaded is its own reference: DPO's first logged loss is ln 2
+    first = next(r for r in map(json.loads, (out / "dpo" / "metrics.jsonl").open()) if "loss" in r)
+    assert first["loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert json.loads((out / "alignment.json").read_text(encoding="utf-8")) == json.loads(json.dumps(results))
+    section = demo.alignment_section(results)
+    assert [row[0] for row in section.table[1]] == ["pretrained", "after GRPO", "after DPO"]
+    assert "GRPO" in demo.format_alignment(results)
+    capsys.readouterr()
+    demo.run_alignment(cfg, out, corpus, data_dir, "8/9")
+    assert capsys.readouterr().out.count("reusing") == 2

@@ -73,7 +73,8 @@ def test_prompts_files_and_reward_functions(tmp_path):
         read_prompts(str(js))
     assert no_repetition("", "好好好好好好好好") == pytest.approx(0.2)  # 4 of its 5 four-grams repeat
     assert no_repetition("", "今天天气很好。") == 1
-    assert tidy_answer("", "今天天气很好。") == 1
+    assert tidy_answer("", "今天天气很好，我们去公园散步吧。") == 1
+    assert tidy_answer("", "今天天气很好。") == pytest.approx(2 / 3)  # too short for the house format
     fn = tmp_path / "r.py"
     fn.write_text("def score(prompt, completion):\n    return float('好' in completion)\n", encoding="utf-8")
     assert load_reward_fn(f"{fn}:score")("", "很好") == 1.0

@@ -395,3 +395,12 @@ def test_the_long_context_table_renders_with_its_figure(tmp_path):
     image = next(b for b in blocks if isinstance(b, Image))
     assert image.path.read_bytes().startswith(b"\x89PNG")
     assert headline(_entry(result)) == "best @ 1024: yarn x4 (fine-tuned at 1024) ppl 486.4"
+
+
+def test_a_preference_evaluation_renders_its_accuracies():
+    result = {"kind": "pref", "data": ["pairs.jsonl"], "pairs": 282,
+              "metrics": {"accuracy": 0.7447, "accuracy_per_token": 0.0993, "mean_margin": 12.5}}
+    blocks = eval_blocks(_entry(result), latest_checkpoint=None)
+    table = next(b for b in blocks if isinstance(b, Table))
+    assert ["accuracy", "74.5%"] in table.rows and ["accuracy per token", "9.9%"] in table.rows
+    assert headline(_entry(result)) == "accuracy 74.5% (9.9% per token), 282 pairs"

@@ -118,6 +118,7 @@ class DPOJob:
     train: TrainConfig | None = None  # None: default_dpo_train(lora=...)
     lora: LoraConfig | None = None
     layout: str = "auto"
+    chat: bool = True  # False: plain-text pairs (a prompt and two continuations) for a pretrained model
     val_fraction: float | None = None  # None: the resumed run's, else 0.05
     on_error: str = "skip"  # preference sets are messy (the shared one has pairs with chosen == rejected)
     encoding: str = "utf-8"
@@ -169,13 +170,13 @@ def dpo(job: DPOJob) -> dict:
 def _build(job: DPOJob, env):
     from babyllama.data.preference import PairBatches, build_pairs, collate_pairs
     from babyllama.infer.generate import load_for_inference
-    from babyllama.tokenizer.chat import ChatTemplate
+    from babyllama.tokenizer.chat import ChatTemplate, PlainText
     from babyllama.train.stage import StageParts, attach_lora, describe_lora
 
     show = job.progress and env.is_main
     model, tok, src_ckpt = load_for_inference(job.ckpt, "cpu", for_decoding=False,
                                               allow_unverified=job.allow_unverified)
-    template = ChatTemplate(tok)
+    template = ChatTemplate(tok) if job.chat else PlainText(tok)
     cfg = model.config
     train, val, report = build_pairs(job.data, template, cfg.max_seq_len + 1, job.layout, job.val_fraction,
                                      job.on_error, job.encoding, verbose=show)
@@ -187,7 +188,8 @@ def _build(job: DPOJob, env):
     model.to(rank_device(pick_device(job.train.device), env))
     reference_logps(model, train + val, tok.pad_id, progress=show)
     model.train()
-    base = attach_lora(model, job.lora, src_ckpt, job.train.seed, chat_ids=(template.start_id, template.end_id))
+    base = attach_lora(model, job.lora, src_ckpt, job.train.seed,
+                       chat_ids=(template.start_id, template.end_id) if job.chat else ())
     bs = job.train.batch_size
     vbs = bs * env.world_size
     val_rows = val[:vbs * job.train.eval_batches]
@@ -202,7 +204,8 @@ def _build(job: DPOJob, env):
                       data={"path": ", ".join(job.data), "fingerprint": fingerprint}, tokenizer=tok,
                       config=RunConfig(model=cfg, train=job.train, lora=job.lora),
                       run_info={"source_checkpoint": str(src_ckpt),
-                                "dpo": {"beta": job.beta, "loss": job.loss, "val_fraction": job.val_fraction}},
+                                "dpo": {"beta": job.beta, "loss": job.loss, "val_fraction": job.val_fraction,
+                                        "chat": job.chat}},
                       files={"dpo_data.json": json.dumps({**report, "source_checkpoint": str(src_ckpt)}, indent=2,
                                                          ensure_ascii=False)},
                       describe=lambda trainer: description + describe_lora(model), summary={"data": report},

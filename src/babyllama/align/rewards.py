@@ -29,8 +29,9 @@ def ends_in_punctuation(prompt: str, completion: str) -> float:
 
 
 def tidy_answer(prompt: str, completion: str) -> float:
-    """The demo's house format: no looping, a finished sentence, between 4 and 120 characters."""
-    size = 1.0 if 4 <= len(completion) <= 120 else 0.0
+    """The demo's house format: no looping, a finished sentence, between 12 and 120 characters (a
+    lower bound, so that stopping at once is not the easy way out of looping)."""
+    size = 1.0 if 12 <= len(completion) <= 120 else 0.0
     return (no_repetition(prompt, completion) + ends_in_punctuation(prompt, completion) + size) / 3
 
 

@@ -78,15 +78,18 @@ class Rollouts:
 
     def __init__(self, policy, reference, tokenizer, prompts: list, reward, to_batch, group_size: int = 8,
                  prompts_per_batch: int = 2, max_new_tokens: int = 64, temperature: float = 1.0, seed: int = 0,
-                 epochs: int = 1, rank: int = 0, world_size: int = 1):
+                 epochs: int = 1, rank: int = 0, world_size: int = 1, chat: bool = True):
         from babyllama.data.batches import ShuffledBatches
-        from babyllama.tokenizer.chat import ChatTemplate
+        from babyllama.tokenizer.chat import ChatTemplate, PlainText
 
         self.policy, self.reference, self.tok, self.reward = policy, reference, tokenizer, reward
         self.to_batch = to_batch
-        self.template = ChatTemplate(tokenizer)
+        # chat: a prompt is a conversation and a completion ends with <|im_end|>; otherwise the prompt's
+        # text is continued as the model was pretrained, up to an end-of-text
+        self.template = ChatTemplate(tokenizer) if chat else PlainText(tokenizer)
         self.prompts, self.group_size, self.max_new_tokens = prompts, group_size, max_new_tokens
         self.temperature, self.seed, self.epochs = temperature, seed, epochs
+        self.stop_id = self.template.end_id
         self.current, self.left = None, 0
         source = self
 
@@ -135,13 +138,13 @@ class Rollouts:
         devices = [self.policy.rope.cos.device] if self.policy.rope.cos.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            outs = engine.generate(rows, min(self.max_new_tokens, room), sampling, stop_ids=[self.template.end_id])
+            outs = engine.generate(rows, min(self.max_new_tokens, room), sampling, stop_ids=[self.stop_id])
         self.policy.train(training)
         completions = []
-        for ids in outs:  # a reply that ended closes with <|im_end|>, learned like every reply token
+        for ids in outs:  # a reply that ended closes with its stop token, learned like every reply token
             ended = len(ids) < min(self.max_new_tokens, room)
-            completions.append(list(ids) + ([self.template.end_id] if ended else []))
-        texts = [self.tok.decode([t for t in c if t != self.template.end_id]) for c in completions]
+            completions.append(list(ids) + ([self.stop_id] if ended else []))
+        texts = [self.tok.decode([t for t in c if t != self.stop_id]) for c in completions]
         rewards = torch.tensor(self._rewards(convs, rows, completions, texts), dtype=torch.float32)
         width = max(len(p) + len(c) for p, c in zip(rows, completions)) - 1
         tokens = torch.full((len(rows), width), self.tok.pad_id, dtype=torch.long)
@@ -206,6 +209,7 @@ class RLJob:
     group_size: int = 8
     max_new_tokens: int = 64
     temperature: float = 1.0
+    chat: bool = True  # False: prompts are plain text a pretrained model continues
     beta: float | None = None  # the KL weight (GRPO: in the loss; PPO: in the reward); None: DEFAULT_BETA
     clip: float = 0.2
     epochs: int = 1  # optimisation steps per rollout
@@ -243,7 +247,7 @@ class RLJob:
 
     def settings(self) -> dict:
         """What run.json records of the algorithm."""
-        keep = ["group_size", "beta", "clip", "epochs", "max_new_tokens", "temperature"]
+        keep = ["group_size", "beta", "clip", "epochs", "max_new_tokens", "temperature", "chat"]
         if self.algo == "ppo":
             keep += ["gamma", "lam", "vf_coef", "value_clip"]
         return {"algo": self.algo, "reward": self.reward_fn or f"reward model {self.reward_model}",
@@ -286,9 +290,10 @@ def _build(job: RLJob, env):
     reward = load_reward_fn(job.reward_fn) if job.reward_fn else ModelReward(job.reward_model,
                                                                               allow_unverified=job.allow_unverified)
     prompts = read_prompts(job.prompts)
-    template = ChatTemplate(tok)
+    template = ChatTemplate(tok) if job.chat else None
     model.train()
-    base = attach_lora(model, job.lora, src_ckpt, job.train.seed, chat_ids=(template.start_id, template.end_id))
+    base = attach_lora(model, job.lora, src_ckpt, job.train.seed,
+                       chat_ids=(template.start_id, template.end_id) if template else ())
     objective, to_batch = (ppo_parts if job.algo == "ppo" else grpo_parts)(job)
     device = None
 
@@ -304,10 +309,12 @@ def _build(job: RLJob, env):
             return super().rollout(indices, where)
 
     batches = OnDevice(model, reference, tok, prompts, reward, to_batch, job.group_size, job.train.batch_size,
-                       job.max_new_tokens, job.temperature, job.train.seed, job.epochs, env.rank, env.world_size)
+                       job.max_new_tokens, job.temperature, job.train.seed, job.epochs, env.rank, env.world_size,
+                       job.chat)
     settings = job.settings()
     description = (f"{job.algo.upper()}: {len(prompts):,} prompts, {job.train.batch_size} per micro-batch x "
-                   f"{job.group_size} completions (<= {job.max_new_tokens} tokens, temperature {job.temperature:g}), "
+                   f"{job.group_size} {'completions' if job.chat else 'continuations'} (<= {job.max_new_tokens} tokens, "
+                   f"temperature {job.temperature:g}), "
                    f"{job.epochs} step(s) per rollout; reward {settings['reward']}; beta {job.beta:g}, clip {job.clip:g}")
     fingerprint = hashlib.sha256(json.dumps([[(m.role, m.content) for m in p] for p in prompts],
                                             ensure_ascii=False).encode()).hexdigest()[:16]

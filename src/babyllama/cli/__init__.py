@@ -16,6 +16,7 @@
     babyllama eval ppl        --ckpt DIR --data DIR|FILE... [--lengths 256,512,1024] [--stride S]
     babyllama eval mc         --ckpt DIR --data DIR|FILE... [--shots K] [--split val|test|dev] [--score letter|text]
     babyllama eval gen        --ckpt DIR --data FILE... [--max-new-tokens N] [--max-samples N]
+    babyllama eval pref       --ckpt DIR --data FILE... [--no-chat]   (preference accuracy on held-out pairs)
     babyllama report          RUN [RUN...] [--out DIR] [--title T]
     babyllama demo            the whole pipeline on the built-in corpus (what `make demo` runs)
 

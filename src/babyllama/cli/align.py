@@ -33,7 +33,8 @@ def cmd_dpo(args) -> None:
 
     cfg = sft_run_config(args, defaults=default_dpo_train)
     summary = dpo(DPOJob(ckpt=args.ckpt, data=args.data, out=args.out, beta=args.beta, loss=args.loss,
-                         train=cfg.train, lora=cfg.lora, layout=args.layout, val_fraction=args.val_fraction,
+                         train=cfg.train, lora=cfg.lora, layout=args.layout, chat=args.chat,
+                         val_fraction=args.val_fraction,
                          on_error=args.on_error, encoding=args.encoding, resume=args.resume,
                          overwrite=args.overwrite, stop_at_step=args.stop_at_step,
                          allow_unverified=args.allow_unverified))
@@ -55,6 +56,9 @@ def add_parsers(sub) -> None:
                    help="record layout, unless given per file as FILE::LAYOUT (default %(default)s; see above)")
     p.add_argument("--val-fraction", type=float,
                    help="share of pairs held out (default 0.05; resuming: the run's)")
+    p.add_argument("--no-chat", dest="chat", action="store_false",
+                   help="plain-text pairs for a pretrained model: the prompt's text continued by each reply, "
+                        "closed by end-of-text, no chat template")
     add_on_error_flag(p, _dpo_job)
     add_encoding_flag(p, _dpo_job)
     add_run_flags(p)
@@ -138,7 +142,7 @@ def cmd_rl(args) -> None:
     cfg = sft_run_config(args, defaults=default_rl_train)
     summary = rl(RLJob(ckpt=args.ckpt, prompts=args.prompts, out=args.out, algo=args.algo, reward_fn=args.reward_fn,
                        reward_model=args.reward, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, beta=args.beta, clip=args.clip, epochs=args.epochs,
+                       temperature=args.temperature, chat=args.chat, beta=args.beta, clip=args.clip, epochs=args.epochs,
                        gamma=args.gamma, lam=args.lam, vf_coef=args.vf_coef, value_clip=args.value_clip,
                        train=cfg.train, lora=cfg.lora, resume=args.resume, overwrite=args.overwrite,
                        stop_at_step=args.stop_at_step, allow_unverified=args.allow_unverified))
@@ -166,6 +170,9 @@ def add_rl_parser(sub) -> None:
                    help="weight of the KL penalty to the reference (default 0.04 for grpo, 0.05 for ppo)")
     p.add_argument("--clip", type=float, default=Default(_rl_job, "clip"),
                    help="ratio clipping epsilon (default %(default)s)")
+    p.add_argument("--no-chat", dest="chat", action="store_false",
+                   help="prompts are plain text that the model continues (a pretrained model), not chat turns; "
+                        "a continuation ends at end-of-text")
     p.add_argument("--epochs", type=int, default=Default(_rl_job, "epochs"),
                    help="optimisation steps per rollout (default %(default)s)")
     ppo = p.add_argument_group("PPO")

@@ -15,11 +15,11 @@ def cmd_demo(args) -> None:
     from babyllama.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(out=args.out, minutes=args.minutes, sft_minutes=args.sft_minutes, fresh=args.fresh,
-                        vocab_size=args.vocab_size, workers=args.workers, curve=args.curve))
+                        vocab_size=args.vocab_size, workers=args.workers, curve=args.curve, align=args.align))
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("demo", help="tokenizer -> data -> pretraining -> SFT -> accuracy and chat, on the built-in corpus")
+    p = sub.add_parser("demo", help="tokenizer -> data -> pretraining -> SFT -> alignment -> evaluation, on the built-in corpus")
     p.add_argument("--out", default=Default(_demo_config, "out"), help="demo directory (default %(default)s)")
     p.add_argument("--minutes", type=float, default=Default(_demo_config, "minutes"),
                    help="pretraining time budget (default %(default)s)")
@@ -28,6 +28,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--curve", default=Default(_demo_config, "curve"),
                    help="learning curve: fine-tune on this many labelled reviews, comma-separated, from the "
                         "pretrained model and from random weights (default %(default)s; \"\" skips it)")
+    p.add_argument("--no-align", dest="align", action="store_false",
+                   help="skip the alignment stage (GRPO and DPO against looping, about 7 minutes)")
     p.add_argument("--vocab-size", type=int, default=Default(_demo_config, "vocab_size"),
                    help="tokenizer vocabulary (default %(default)s)")
     p.add_argument("--workers", type=int, default=Default(_demo_config, "workers"),

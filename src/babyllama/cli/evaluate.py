@@ -1,4 +1,4 @@
-"""Measuring a model: `babyllama eval ppl|mc|gen`, one parser-adding function per action."""
+"""Measuring a model: `babyllama eval ppl|mc|gen|pref`, one parser-adding function per action."""
 
 from __future__ import annotations
 
@@ -54,11 +54,12 @@ def _set_threads(args) -> None:
 
 
 def add_parsers(sub) -> None:
-    group = sub.add_parser("eval", help="measure a model: perplexity, multiple choice, generation").add_subparsers(
+    group = sub.add_parser("eval", help="measure a model: perplexity, multiple choice, generation, preferences").add_subparsers(
         dest="action", metavar="ACTION")
     _add_ppl(group)
     _add_mc(group)
     _add_gen(group)
+    _add_pref(group)
 
 
 def _add_ppl(group) -> None:
@@ -198,3 +199,54 @@ def _add_mc(group) -> None:
     _add_model_flags(p, _mc_config, "float32 (default), bfloat16, float16")
     p.add_argument("--out", help="directory for the JSON results (default: RUN/eval for a run directory)")
     p.set_defaults(func=cmd_eval_mc)
+
+
+def _pref_config():
+    from babyllama.eval.preference import PreferenceEvalConfig
+
+    return PreferenceEvalConfig
+
+
+def cmd_eval_pref(args) -> None:
+    from babyllama.eval.preference import PreferenceEvalConfig, evaluate_preferences, format_summary
+
+    cfg = PreferenceEvalConfig(ckpt=args.ckpt, data=args.data, layout=args.layout, chat=args.chat,
+                               max_pairs=args.max_pairs,
+                               batch_size=args.batch_size, encoding=args.encoding, on_error=args.on_error,
+                               device=args.device, dtype=args.dtype, allow_unverified=args.allow_unverified,
+                               out=args.out)
+    _set_threads(args)
+    result = evaluate_preferences(cfg)
+    print(format_summary(result))
+    print(f"-> {result['written_to']}")
+
+
+def _add_pref(group) -> None:
+    from babyllama.cli.flags import add_on_error_flag
+
+    p = group.add_parser("pref", help="preference accuracy: how often the chosen reply of a pair is the likelier",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="Scores both replies of each (prompt, chosen, rejected) pair by the summed "
+                                     "log-probability of their\ntokens after the prompt (chat template); a pair "
+                                     "is right when the chosen one scores higher.\nAlso per token "
+                                     "(length-normalised) and the mean margin. What DPO should raise on pairs\nit "
+                                     "did not train on. Data: the layouts of `babyllama dpo --help`. Results go to "
+                                     "RUN/eval/pref-DATA.json\n(or --out).")
+    p.add_argument("--ckpt", required=True, help="run directory (newest checkpoint) or checkpoint directory")
+    p.add_argument("--data", nargs="+", required=True, metavar="FILE", help="preference files (FILE or FILE::LAYOUT)")
+    p.add_argument("--no-chat", dest="chat", action="store_false",
+                   help="plain-text pairs: a prompt and two continuations, no chat template (as `dpo --no-chat`)")
+    p.add_argument("--max-pairs", type=int, default=Default(_pref_config, "max_pairs"),
+                   help="pairs scored, the first of the data (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=Default(_pref_config, "batch_size"),
+                   help="pairs scored together (default %(default)s)")
+    p.add_argument("--device", default=Default(_pref_config, "device"), help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--dtype", default=Default(_pref_config, "dtype"), help="float32 (default), bfloat16, float16")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="load a checkpoint that has no checksums.json (not written by babyllama)")
+    p.add_argument("--out", help="write the results as JSON here (default: RUN/eval/pref-DATA.json)")
+    add_layout_flag(p, _pref_config, "see `babyllama dpo --help`")
+    add_encoding_flag(p, _pref_config)
+    add_on_error_flag(p, _pref_config)
+    p.set_defaults(func=cmd_eval_pref)

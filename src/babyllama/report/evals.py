@@ -1,7 +1,8 @@
 """One evaluation result (a RUN/eval/*.json) as report blocks and as a one-line headline.
 
 Each `kind` the evaluations write has its renderer: "perplexity" (`babyllama eval ppl`), "mc"
-(multiple choice), "gen" (generation) and "longctx" (bench/longctx.py's perplexity-by-length table). Any other kind, or a file of a known kind missing the
+(multiple choice), "gen" (generation), "pref" (preference accuracy) and "longctx" (bench/longctx.py's
+perplexity-by-length table). Any other kind, or a file of a known kind missing the
 fields its renderer reads, is shown generically (its scalar fields as a table): an evaluation added
 later, or written by an older version, never breaks a report.
 """
@@ -185,6 +186,23 @@ def _text(value: object) -> str:
     return "" if value is None else str(value)
 
 
+# --- preference accuracy (`babyllama eval pref`) ----------------------------------------------------
+
+def _pref_blocks(result: dict) -> list[Block]:
+    m = result["metrics"]
+    data = f" of `{', '.join(map(str, result['data']))}`" if isinstance(result.get("data"), list) else ""
+    return [Para(f"{number(result['pairs'])} pairs{data}: the chosen reply the likelier one (summed log-probs, "
+                 f"and per token)"),
+            Table(["metric", "value"], [["accuracy", percent(m["accuracy"])],
+                                        ["accuracy per token", percent(m["accuracy_per_token"])],
+                                        ["mean margin (nats)", number(m["mean_margin"])]])]
+
+
+def _pref_headline(result: dict) -> str:
+    m = result["metrics"]
+    return f"accuracy {percent(m['accuracy'])} ({percent(m['accuracy_per_token'])} per token), {number(result['pairs'])} pairs"
+
+
 # --- anything else ----------------------------------------------------------------------------------
 
 def flatten_scalars(value: dict, prefix: str = "") -> list[tuple[str, object]]:
@@ -216,6 +234,8 @@ def _generic_headline(result: dict) -> str:
 
 
 RENDERERS: dict[str, Callable[[dict], list[Block]]] = {
-    "perplexity": _perplexity_blocks, "mc": _mc_blocks, "gen": _gen_blocks, "longctx": _longctx_blocks}
+    "perplexity": _perplexity_blocks, "mc": _mc_blocks, "gen": _gen_blocks, "pref": _pref_blocks,
+    "longctx": _longctx_blocks}
 HEADLINES: dict[str, Callable[[dict], str]] = {
-    "perplexity": _perplexity_headline, "mc": _mc_headline, "gen": _gen_headline, "longctx": _longctx_headline}
+    "perplexity": _perplexity_headline, "mc": _mc_headline, "gen": _gen_headline, "pref": _pref_headline,
+    "longctx": _longctx_headline}

@@ -98,3 +98,29 @@ class ChatTemplate:
         """The same conversation as text (for display and for tokenizers that export a template)."""
         text = "".join(f"{IM_START}{m.role}\n{m.content}{IM_END}\n" for m in messages)
         return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+
+
+class PlainText:
+    """No chat template: what a pretrained model continues. A prompt is its messages' text after an
+    end-of-text token (how `generate` starts a completion); a reply is the continuation, closed by
+    end-of-text. Prompt and reply are tokenized apart, as generation produces them. The same
+    interface as ChatTemplate where preference pairs and RL rollouts use it (`--no-chat`)."""
+
+    header_len = 1  # the end-of-text that starts every prompt is kept when a long prompt is cut
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok = tokenizer
+        self.end_id = tokenizer.eos_id
+
+    def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
+        return [self.tok.eos_id] + self.tok.encode("\n".join(m.content for m in messages))
+
+    def encode(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """The prompt (every message but a final assistant one) and that reply, if any, with labels
+        on the reply and its closing end-of-text."""
+        if not messages or messages[-1].role != "assistant":
+            ids = self.prompt_ids(messages)
+            return ids, [IGNORE] * len(ids)
+        prompt = self.prompt_ids(messages[:-1])
+        reply = self.tok.encode(messages[-1].content) + [self.tok.eos_id]
+        return prompt + reply, [IGNORE] * len(prompt) + reply
