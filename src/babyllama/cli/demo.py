@@ -29,7 +29,7 @@ def add_parsers(sub) -> None:
                    help="learning curve: fine-tune on this many labelled reviews, comma-separated, from the "
                         "pretrained model and from random weights (default %(default)s; \"\" skips it)")
     p.add_argument("--no-align", dest="align", action="store_false",
-                   help="skip the alignment stage (GRPO and DPO against looping, about 7 minutes)")
+                   help="skip the alignment stage (GRPO and DPO against looping, about 6 minutes)")
     p.add_argument("--vocab-size", type=int, default=Default(_demo_config, "vocab_size"),
                    help="tokenizer vocabulary (default %(default)s)")
     p.add_argument("--workers", type=int, default=Default(_demo_config, "workers"),
