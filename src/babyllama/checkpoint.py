@@ -317,6 +317,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", allow_unver
     import sys
 
     import babyllama.adapters  # noqa: F401  (registers the adapters checkpoints may name)
+    import babyllama.quant  # noqa: F401  (registers the quantizations checkpoints may name)
     from babyllama.model import Llama
     from babyllama.transforms import apply_transforms, from_record
 
