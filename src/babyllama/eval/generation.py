@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from babyllama.config import ConfigError, RopeScaling, check_int
-from babyllama.eval.perplexity import _run_eval_dir, _slug
+from babyllama.eval.perplexity import eval_output_path
 from babyllama.infer.sampling import MAX_NEW_TOKENS, SamplingConfig, check_max_new_tokens
 
 if TYPE_CHECKING:
@@ -238,15 +238,6 @@ def generate_answers(engine, prompts: list[list[Message]], max_new_tokens: int, 
     return answers, cut
 
 
-def _output_path(cfg: GenerationEvalConfig) -> Path:
-    if cfg.out:
-        return Path(cfg.out)
-    eval_dir = _run_eval_dir(cfg.ckpt)
-    if eval_dir is None:
-        raise ConfigError(f"--ckpt {cfg.ckpt} is not in a run directory: give --out FILE.json for the results")
-    return eval_dir / f"gen-{_slug(cfg.data)}.json"
-
-
 def _message_dicts(messages: list[Message]) -> list[dict]:
     return [{"role": m.role, "content": m.content} for m in messages]
 
@@ -257,7 +248,7 @@ def evaluate_generation(cfg: GenerationEvalConfig) -> dict:
     from babyllama.infer import Engine, load_for_inference
 
     t0 = time.perf_counter()
-    out = _output_path(cfg)  # before any work: a command with nowhere to write fails at once
+    out = eval_output_path(cfg.ckpt, cfg.out, "gen", cfg.data)  # nowhere to write: fail before any work
     samples, stats = read_samples(cfg.data, cfg.layout, cfg.encoding, cfg.max_samples, cfg.on_error)
     model, tokenizer, ckpt = load_for_inference(cfg.ckpt, cfg.device, for_decoding=True,
                                                 allow_unverified=cfg.allow_unverified, dtype=cfg.dtype, rope=cfg.rope)

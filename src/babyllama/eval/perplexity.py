@@ -221,6 +221,17 @@ def _run_eval_dir(ckpt: str) -> Path | None:
     return None
 
 
+def eval_output_path(ckpt: str, out: str | None, kind: str, data: list[str]) -> Path:
+    """Where an evaluation writes its JSON: `out`, else RUN/eval/KIND-DATA.json for a run directory
+    (an error otherwise, raised before any work)."""
+    if out:
+        return Path(out)
+    eval_dir = _run_eval_dir(ckpt)
+    if eval_dir is None:
+        raise ConfigError(f"--ckpt {ckpt} is not in a run directory: give --out FILE.json for the results")
+    return eval_dir / f"{kind}-{_slug(data)}.json"
+
+
 def format_table(result: dict) -> str:
     rope = result.get("rope_scaling") or {"kind": "none"}
     scaled = "" if rope["kind"] == "none" else f"; RoPE scaling {rope['kind']} x{rope['factor']:g}"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -79,12 +78,12 @@ def evaluate_preferences(cfg: PreferenceEvalConfig) -> dict:
     from babyllama.data.preference import read_pairs, tokenize_pair
     from babyllama.corpus.readers import split_input_spec
     from babyllama.data.sft import SFTStats
-    from babyllama.eval.perplexity import load_for_eval
+    from babyllama.eval.perplexity import eval_output_path, load_for_eval
     from babyllama.outputs import write_text_atomic
     from babyllama.tokenizer.chat import ChatTemplate, PlainText
 
     t0 = time.perf_counter()
-    out = _output_path(cfg)
+    out = eval_output_path(cfg.ckpt, cfg.out, "pref", cfg.data)  # before any work
     model, tok, ckpt = load_for_eval(cfg.ckpt, cfg.device, cfg.dtype, cfg.allow_unverified)
     template = ChatTemplate(tok) if cfg.chat else PlainText(tok)
     read, cut = ReadStats(), SFTStats()
@@ -107,17 +106,6 @@ def evaluate_preferences(cfg: PreferenceEvalConfig) -> dict:
     write_text_atomic(out, json.dumps(result, indent=2, ensure_ascii=False))
     result["written_to"] = str(out)
     return result
-
-
-def _output_path(cfg: PreferenceEvalConfig) -> Path:
-    from babyllama.eval.perplexity import _run_eval_dir, _slug
-
-    if cfg.out:
-        return Path(cfg.out)
-    eval_dir = _run_eval_dir(cfg.ckpt)
-    if eval_dir is None:
-        raise ConfigError(f"--ckpt {cfg.ckpt} is not in a run directory: give --out FILE.json for the results")
-    return eval_dir / f"pref-{_slug(cfg.data)}.json"
 
 
 def format_summary(result: dict) -> str:
