@@ -4,7 +4,7 @@ The decoding layout (infer/decode.py) and LoRA/DoRA adapters (adapters/lora.py) 
 linears and BitNet come next. Each is a small class registered here by name:
 
     name                 its key in TRANSFORMS and in checkpoints
-    order                its place in a composition: HEAD (5), ADAPTER (10), QUANTIZE (20), LAYOUT (90);
+    order                its place in a composition: HEAD (5), QUANTIZE (8), ADAPTER (10), LAYOUT (90);
                          a transformation is never applied after one of a higher order (an adapter
                          after the decoding layout would wrap modules that no longer train)
     settings()           what reapplying it needs (JSON: recorded in each checkpoint's config.json)
@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from babyllama.config import ConfigError
 
-HEAD, ADAPTER, QUANTIZE, LAYOUT = 5, 10, 20, 90
+HEAD, QUANTIZE, ADAPTER, LAYOUT = 5, 8, 10, 90
 
 
 class Transform(Protocol):

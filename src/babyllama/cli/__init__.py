@@ -11,6 +11,8 @@
     babyllama dpo             --ckpt SFT_RUN --data FILE... --out DIR [--beta B] [--loss sigmoid|ipo] [--lora]
     babyllama reward train    --ckpt SFT_RUN --data FILE... --out DIR   (a Bradley-Terry reward model)
     babyllama rl --algo grpo|ppo --ckpt SFT_RUN --prompts FILE --out DIR --reward-fn MODULE:FUNC | --reward RM_RUN
+    babyllama quantize        --ckpt DIR --out DIR --method rtn|gptq|awq|int8 [--bits 2|3|4|8] [--group-size G]
+                              [--calib FILE|DIR...]   (packed low-bit weights every stage loads)
     babyllama generate        --ckpt DIR --prompt TEXT [--chat] [--device D] [--dtype T]
     babyllama chat            --ckpt DIR [--device D] [--dtype T]
     babyllama eval ppl        --ckpt DIR --data DIR|FILE... [--lengths 256,512,1024] [--stride S]
@@ -36,10 +38,10 @@ import os
 import sys
 from pathlib import Path
 
-from babyllama.cli import align, demo, evaluate, infer, lora, prepare, report, train
+from babyllama.cli import align, demo, evaluate, infer, lora, prepare, quant, report, train
 from babyllama.cli.flags import Args
 
-STAGE_GROUPS = (prepare, train, lora, align, infer, evaluate, report, demo)  # in the order `babyllama --help` lists their stages
+STAGE_GROUPS = (prepare, train, lora, align, quant, infer, evaluate, report, demo)  # in the order `babyllama --help` lists their stages
 
 
 class Parser(argparse.ArgumentParser):

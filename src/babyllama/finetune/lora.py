@@ -12,13 +12,12 @@ directories naming their base. Here:
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import babyllama.checkpoint as ckpt_io
-from babyllama.config import ConfigError, RunConfig
-from babyllama.train.rundir import open_run_dir, write_run_info
+from babyllama.config import ConfigError
+from babyllama.train.rundir import open_run_dir, write_checkpoint_run
 
 
 @dataclass
@@ -39,32 +38,6 @@ class ImportJob:
     allow_unverified: bool = False
 
 
-def _tokenizer_dir(ckpt: Path) -> Path:
-    for candidate in (ckpt / "tokenizer", ckpt.parent.parent / "tokenizer"):
-        if candidate.is_dir():
-            return candidate
-    raise ConfigError(f"{ckpt}: no tokenizer/ directory next to the checkpoint")
-
-
-def _write_run(out: Path, stage: str, model, ckpt_from: Path, step: int, info: dict, base: str | None = None) -> Path:
-    """A run directory holding one checkpoint of `model` (an adapter's alone when `base`)."""
-    from babyllama.tokenizer import load_tokenizer
-    from babyllama.transforms import applied
-
-    tok_dir = _tokenizer_dir(ckpt_from)
-    tokenizer = load_tokenizer(tok_dir)
-    write_run_info(out, stage, {"path": str(ckpt_from), "fingerprint": None}, tokenizer.fingerprint, **info)
-    (out / "run_config.toml").write_text(RunConfig(model=model.config).to_toml(), encoding="utf-8")
-    if (out / "tokenizer").exists():
-        shutil.rmtree(out / "tokenizer")
-    tokenizer.save(out / "tokenizer")
-    weights = ckpt_io.model_state(model)
-    if base:
-        weights = ckpt_io.trained_state(model, weights)
-    return ckpt_io.save_checkpoint(out, step, weights, model.config, transforms=applied(model) or None, base=base,
-                                   run_config={"stage": stage, **info})
-
-
 def merge_lora(job: MergeJob) -> Path:
     """Fold an adapter run into plain weights; returns the written checkpoint directory."""
     from babyllama.adapters import merge_adapters
@@ -79,7 +52,7 @@ def merge_lora(job: MergeJob) -> Path:
         model, _ = ckpt_io.load_model(ckpt, allow_unverified=job.allow_unverified, base=job.base)
         merge_adapters(model)
         base = ckpt_io.find_base(ckpt, meta, job.base, job.allow_unverified)
-        return _write_run(out, "lora-merge", model, ckpt, int(meta.get("step", 0)),
+        return write_checkpoint_run(out, "lora-merge", model, ckpt, int(meta.get("step", 0)),
                           {"adapter": str(ckpt), "base": str(base)})
     finally:
         run.close()
@@ -111,7 +84,7 @@ def import_peft(job: ImportJob) -> Path:
             raise ConfigError(f"{job.adapter}: does not fit {base} (shapes {wrong[:2]}, missing {missing[:2]}, "
                               f"unknown {stray[:2]}); was it trained on this model's export?")
         model.load_state_dict(weights, strict=False)
-        return _write_run(out, "lora-import", model, base, 0, {"adapter": str(job.adapter), "base": str(base)},
+        return write_checkpoint_run(out, "lora-import", model, base, 0, {"adapter": str(job.adapter), "base": str(base)},
                           base=str(base))
     finally:
         run.close()

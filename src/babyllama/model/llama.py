@@ -255,7 +255,7 @@ class Llama(nn.Module):
         return angles.cos().float().to(device), angles.sin().float().to(device)  # (batch, end, head_dim / 2)
 
     def new_cache(self, batch_size: int, max_seq_len: int | None = None) -> KVCache:
-        cfg, w = self.config, self.tok_embeddings.weight
+        cfg, w = self.config, self.norm.weight  # the activations' dtype and device (norms stay float when weights are quantized)
         return KVCache(cfg.n_layers, batch_size, cfg.n_kv_heads, max_seq_len or cfg.max_seq_len, cfg.head_dim,
                        dtype=w.dtype, device=w.device)
 

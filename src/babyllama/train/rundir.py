@@ -24,6 +24,7 @@ from typing import Iterable
 from babyllama.outputs import (RUN, OutputError, OutputLock, check_inputs_outside, foreign_entries, remove_owned,
                                write_text_atomic)
 from babyllama.checkpoint import CheckpointError, list_checkpoints
+from babyllama.config import ConfigError
 
 RUN_INFO = "run.json"
 METRICS = "metrics.jsonl"
@@ -88,6 +89,38 @@ def _claim(out: Path, resume: bool, overwrite: bool, inputs: list) -> None:
 def write_run_info(out: Path, stage: str, data: dict, tokenizer: str, **extra) -> None:
     info = {"stage": stage, "data": data, "tokenizer": tokenizer, **extra}
     write_text_atomic(out / RUN_INFO, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+
+
+def tokenizer_dir(ckpt: Path) -> Path:
+    """The tokenizer/ directory of a checkpoint, or of the run it belongs to."""
+    for candidate in (ckpt / "tokenizer", ckpt.parent.parent / "tokenizer"):
+        if candidate.is_dir():
+            return candidate
+    raise ConfigError(f"{ckpt}: no tokenizer/ directory next to the checkpoint")
+
+
+def write_checkpoint_run(out: Path, stage: str, model, ckpt_from: Path, step: int, info: dict,
+                         base: str | None = None) -> Path:
+    """A run directory holding one checkpoint of `model` (an adapter's alone when `base`), made by a
+    stage that transforms a checkpoint rather than training (merge, import, quantize)."""
+    import shutil
+
+    import babyllama.checkpoint as ckpt_io
+    from babyllama.config import RunConfig
+    from babyllama.tokenizer import load_tokenizer
+    from babyllama.transforms import applied
+
+    tokenizer = load_tokenizer(tokenizer_dir(ckpt_from))
+    write_run_info(out, stage, {"path": str(ckpt_from), "fingerprint": None}, tokenizer.fingerprint, **info)
+    (out / "run_config.toml").write_text(RunConfig(model=model.config).to_toml(), encoding="utf-8")
+    if (out / "tokenizer").exists():
+        shutil.rmtree(out / "tokenizer")
+    tokenizer.save(out / "tokenizer")
+    weights = ckpt_io.model_state(model)
+    if base:
+        weights = ckpt_io.trained_state(model, weights)
+    return ckpt_io.save_checkpoint(out, step, weights, model.config, transforms=applied(model) or None, base=base,
+                                   run_config={"stage": stage, **info})
 
 
 def check_resume_matches(out: Path, stage: str, data: dict, tokenizer: str, retry_hint: str) -> None:
