@@ -319,19 +319,22 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", allow_unver
     import babyllama.adapters  # noqa: F401  (registers the adapters checkpoints may name)
     import babyllama.quant  # noqa: F401  (registers the quantizations checkpoints may name)
     from babyllama.model import Llama
-    from babyllama.transforms import apply_transforms, from_record
+    from babyllama.transforms import ADAPTER, applied, apply_transforms, from_record
 
     warn = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     ckpt = find_checkpoint(path, verify=True, warn=warn, allow_unverified=allow_unverified)
     meta = read_meta(ckpt)
     model = Llama(read_model_config(ckpt))
+    transforms = [from_record(r) for r in meta.get("transforms", [])]
     if meta.get("base"):
+        # the base's own transformations (a quantized base under an adapter) shape what its weights fill
+        apply_transforms(model, [t for t in transforms if t.order < ADAPTER])
+        transforms = [t for t in transforms if t.order >= ADAPTER]
         base_ckpt = find_base(ckpt, meta, base, allow_unverified)
         load_weights(model, base_ckpt)
-    transforms = [from_record(r) for r in meta.get("transforms", [])]
     apply_transforms(model, transforms)
     load_weights(model, ckpt, partial=bool(meta.get("base")))
-    if merge:
+    if merge and not any(r["name"] == "quantize" for r in applied(model)):  # over quantized codes, adapters stay
         babyllama.adapters.merge_adapters(model)
     if rope is not None:
         from babyllama.model.rope import rescale_rope

@@ -247,6 +247,8 @@ class TrainConfig:
     tensorboard: bool = False
     # LongLoRA's shifted sparse attention while training: groups of this many tokens (0 = full attention)
     s2_group_size: int = 0
+    # BitNet b1.58: train the blocks' projections as ternary weights (quant/bitnet.py), for `quantize --method bitnet`
+    bitnet: bool = False
 
     def __post_init__(self) -> None:
         self.validate()

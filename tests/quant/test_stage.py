@@ -88,7 +88,8 @@ def test_int8_keeps_the_outlier_columns_in_float(quantized):
     (["--method", "int8", "--bits", "4"], "--method int8 takes --bits 8"),
     (["--method", "rtn", "--group-size", "48"], "--group-size must be 0 (one scale per row) or a multiple of 32"),
     (["--method", "gptq"], "--method gptq needs calibration text"),
-    (["--method", "bitnet"], "invalid choice: 'bitnet'"),
+    (["--method", "bitnet"], "--method bitnet packs a run trained with --bitnet"),
+    (["--method", "awq", "--bits", "5", "--calib", "x"], "invalid choice: 5"),
 ])
 def test_bad_settings_get_one_line(float_run, tmp_path, capsys, flags, message):
     assert main(["quantize", "--ckpt", str(float_run), "--out", str(tmp_path / "q"), *flags]) == 2

@@ -74,8 +74,9 @@ class LoraLinear(nn.Module):
         self.base, self.slices, self.targets = base, dict(slices), list(targets)
         self.rank, self.scale, self.dora = rank, scale, dora
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        weight = base.weight
-        in_features = weight.shape[1]
+        # a plain projection's weight, or (a quantized base: QLoRA) a float tensor of it for dtype and device
+        weight = base.weight if not getattr(base, "quantized", False) else base.scales
+        in_features = base.in_features
         self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
         for t in self.targets:
             start, end = self.slices[t]
@@ -84,6 +85,9 @@ class LoraLinear(nn.Module):
             self.lora_A[t] = nn.Parameter(a)
             self.lora_B[t] = nn.Parameter(torch.zeros(end - start, rank, dtype=weight.dtype, device=weight.device))
         if dora:
+            if getattr(base, "quantized", False):
+                raise ConfigError("DoRA needs the float weights of the projections it adapts; this base is quantized "
+                                  "(use --lora, or DoRA on the float model)")
             self.lora_magnitude = nn.ParameterDict({
                 t: nn.Parameter(weight.detach()[slice(*self.slices[t])].float().norm(dim=1).to(weight.dtype))
                 for t in self.targets})
@@ -123,7 +127,10 @@ class LoraLinear(nn.Module):
 
     def loss_weight(self) -> torch.Tensor:
         """The weight this module computes with, differentiable in the adapter (one matrix, so the
-        model's fused head + loss can use it when LoRA adapts the LM head)."""
+        model's fused head + loss can use it when LoRA adapts the LM head); None over a quantized
+        base, whose float weights never exist (the head then computes full logits)."""
+        if getattr(self.base, "quantized", False):
+            return None
         w = self.base.weight
         pieces = []
         for t, (start, end) in self.slices.items():
@@ -228,11 +235,11 @@ class LoRA:
                 p.requires_grad_(True)
 
         def swap(name: str, module: nn.Module):
-            if name == "output" and "head" in c.targets and type(module) is nn.Linear:
-                return LoraLinear(module, {"head": (0, module.weight.shape[0])}, ["head"], c.rank, c.scale,
+            if name == "output" and "head" in c.targets and adaptable(module):
+                return LoraLinear(module, {"head": (0, module.out_features)}, ["head"], c.rank, c.scale,
                                   c.dropout, c.dora).train(model.training)
             projection = name.split(".", 2)[-1] if name.startswith("layers.") else None
-            if projection not in PROJECTIONS or type(module) is not nn.Linear:
+            if projection not in PROJECTIONS or not adaptable(module):
                 return None
             wanted = [t for t in PROJECTIONS[projection] if t in c.targets]
             if not wanted:
@@ -240,10 +247,13 @@ class LoRA:
             return LoraLinear(module, projection_slices(model.config, projection), wanted, c.rank, c.scale,
                               c.dropout, c.dora).train(model.training)  # new modules follow the model's mode
 
-        tied = model.output.weight is model.tok_embeddings.weight
+        tied = getattr(model.output, "weight", None) is not None and \
+            model.output.weight is getattr(model.tok_embeddings, "weight", None)
         if replace_modules(model, swap) == 0:
             raise ConfigError("LoRA found no projection to adapt in this model")
         if self.token_rows:
+            if not hasattr(model.tok_embeddings, "weight"):
+                raise ConfigError("--lora-tokens trains embedding rows, but this model's embeddings are quantized")
             vocab = model.tok_embeddings.weight.shape[0]
             if max(self.token_rows) >= vocab:
                 raise ConfigError(f"--lora-tokens: id {max(self.token_rows)} is past the vocabulary ({vocab} ids)")
@@ -265,6 +275,11 @@ class LoRA:
         from babyllama.adapters.peft import load_peft_weights
 
         return load_peft_weights(directory)
+
+
+def adaptable(module: nn.Module) -> bool:
+    """A plain projection, or a quantized one (frozen codes: LoRA over it is QLoRA)."""
+    return type(module) is nn.Linear or getattr(module, "quantized", False)
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:

@@ -119,6 +119,9 @@ def add_config_flags(p: argparse.ArgumentParser, model: bool = True) -> None:
     g.add_argument("--dtype", help="auto (default: bf16 on GPUs that have it, float32 on CPUs), float32, "
                                    "bfloat16, float16 (train.dtype)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (faster steps after a warm-up)")
+    g.add_argument("--bitnet", action="store_true",
+                   help="BitNet b1.58 quantization-aware training: the blocks' projections compute with ternary "
+                        "weights and int8 activations (train.bitnet); pack the run with `babyllama quantize --method bitnet`")
     g.add_argument("--parallel", choices=["ddp", "fsdp"],
                    help="under torchrun with several processes: ddp (default; whole model per rank) or fsdp "
                         "(FSDP2: parameters, gradients and optimizer state sharded)")

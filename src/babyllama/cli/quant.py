@@ -36,7 +36,7 @@ def cmd_quantize(args) -> None:
 
 def add_parsers(sub) -> None:
     p = sub.add_parser(
-        "quantize", help="quantize a run's weights (RTN, GPTQ, AWQ, LLM.int8) into packed low-bit integers",
+        "quantize", help="quantize a run's weights (RTN, GPTQ, AWQ, LLM.int8, BitNet) into packed low-bit integers",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Writes a run whose checkpoint holds packed integer weights, scales and zero points (and\n"
                     "quantization.json: method, settings, per-layer error against plain RTN). generate, chat, eval\n"
@@ -44,13 +44,14 @@ def add_parsers(sub) -> None:
                     "  rtn   round to nearest, group by group (no calibration; the baseline)\n"
                     "  gptq  GPTQ: error feedback through the inverse Hessian of calibration inputs\n"
                     "  awq   activation-aware scales folded into the norms, then RTN\n"
-                    "  int8  LLM.int8-style 8-bit rows; input columns with activations above --threshold stay float")
+                    "  int8  LLM.int8-style 8-bit rows; input columns with activations above --threshold stay float\n"
+                    "  bitnet  pack a run trained with --bitnet (BitNet b1.58) as ternary weights, 2 bits each")
     p.add_argument("--ckpt", required=True, help="the float run (newest good checkpoint) or a checkpoint directory")
     p.add_argument("--out", required=True, help="directory for the quantized run")
-    p.add_argument("--method", choices=["rtn", "gptq", "awq", "int8"], default=Default(_job, "method"),
+    p.add_argument("--method", choices=["rtn", "gptq", "awq", "int8", "bitnet"], default=Default(_job, "method"),
                    help="how the integer codes are chosen (default %(default)s)")
     p.add_argument("--bits", type=int, choices=[2, 3, 4, 8], default=Default(_job, "bits"),
-                   help="bits per weight (default 4, int8: 8; 3-bit codes are stored in 4-bit slots)")
+                   help="bits per weight (default 4, int8: 8, bitnet: 2; 3-bit codes are stored in 4-bit slots)")
     p.add_argument("--group-size", type=int, default=Default(_job, "group_size"),
                    help="weights per scale along a row, a multiple of 32 dividing the model width; 0: one per row "
                         "(default %(default)s; a layer it does not divide uses the largest multiple of 32 that does)")

@@ -53,6 +53,8 @@ def run_config(args, base=None, file: dict | None = None):
             overrides.setdefault(section, {})[key] = value
     if args.compile:
         train["compile"] = True
+    if getattr(args, "bitnet", False):
+        train["bitnet"] = True
     if getattr(args, "lora", False) or getattr(args, "dora", False):  # any lora.* setting turns LoRA on
         overrides.setdefault("lora", {})
     if getattr(args, "dora", False):

@@ -13,7 +13,7 @@ from babyllama.data.sft import (PackedSFTBatches, SFTBatches, SFTSample, SFTStat
                                 samples_fingerprint)
 from babyllama.tokenizer.chat import ChatTemplate
 from babyllama.train.objectives import AssistantTokens
-from babyllama.train.stage import StageParts, StageRun, attach_lora, describe_lora, run_stage
+from babyllama.train.stage import StageParts, StageRun, attach_bitnet, attach_lora, describe_lora, run_stage
 
 
 def default_sft_train(lora: bool = False) -> TrainConfig:
@@ -111,6 +111,7 @@ def _build(job: SFTJob, env) -> StageParts:
         torch.manual_seed(job.train.seed)
         model.reset_parameters()
     template = ChatTemplate(tok)
+    attach_bitnet(model, job.train)
     base = attach_lora(model, job.lora, src_ckpt, job.train.seed, chat_ids=(template.start_id, template.end_id))
     cfg = model.config
     train, val, report = load_sft_samples(job.data, template, cfg.max_seq_len + 1, job.layout, job.val_fraction,

@@ -17,7 +17,31 @@ from babyllama.quant.kernels import dequantize_rows, lowbit_matmul
 from babyllama.quant.pack import check_group_size, pack, rtn, storage_bits, unpack
 
 
+class _LowbitLinear(torch.autograd.Function):
+    """The kernel's product, differentiable in its input (the codes are frozen): what LoRA over a
+    quantized base (QLoRA) needs to train adapters in the layers before this one."""
+
+    @staticmethod
+    def forward(ctx, rows, layer):
+        ctx.layer = layer
+        return lowbit_matmul(rows, layer.qweight, layer.scales, layer.offsets, storage_bits(layer.bits), layer.group_size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        layer = ctx.layer
+        grad_in = torch.empty(grad.shape[0], layer.in_features, dtype=grad.dtype, device=grad.device)
+        grad_in.zero_()
+        for begin in range(0, layer.out_features, 4096):  # a slice of dequantized rows at a time
+            end = begin + 4096
+            w = dequantize_rows(layer.qweight[begin:end], layer.scales[begin:end], layer.offsets[begin:end],
+                                storage_bits(layer.bits), layer.group_size)
+            grad_in += grad[:, begin:end] @ w
+        return grad_in, None
+
+
 class QuantLinear(nn.Module):
+    quantized = True  # what adapters look for: a frozen projection they may wrap (LoRA over it is QLoRA)
+
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, n_outliers: int = 0,
                  device=None):
         super().__init__()
@@ -85,12 +109,15 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
         rows = x.reshape(-1, shape[-1]).float()
-        if self.outlier_index is None:
-            y = lowbit_matmul(rows, self.qweight, self.scales, self.offsets, storage_bits(self.bits), self.group_size)
-        else:  # outlier columns bypass the kernel entirely (their large values would coarsen its int8 activations)
+        outliers = None
+        if self.outlier_index is not None:  # outlier columns bypass the kernel (their large values would coarsen its int8 activations)
             outliers = rows[:, self.outlier_index]
             rows = rows.index_fill(1, self.outlier_index, 0.0)
+        if rows.requires_grad and torch.is_grad_enabled():
+            y = _LowbitLinear.apply(rows, self)
+        else:
             y = lowbit_matmul(rows, self.qweight, self.scales, self.offsets, storage_bits(self.bits), self.group_size)
+        if outliers is not None:
             y = y + outliers @ self.outlier_weight.t()
         return y.to(dtype).reshape(*shape[:-1], self.out_features)
 

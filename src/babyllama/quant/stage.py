@@ -5,6 +5,7 @@
     awq    activation-aware scales folded into the norms / previous projections, then RTN (quant/awq.py)
     int8   LLM.int8-style: 8-bit rows, with the input columns whose calibration activations exceed
            --threshold kept in float32
+    bitnet packs a run trained with --bitnet (BitNet b1.58 QAT) as ternary codes, 2 bits a weight
 
 Calibrated methods stream the model one block at a time: the calibration samples' hidden states
 enter block i, its projections' inputs are recorded (Hessians for GPTQ, sampled rows for AWQ and
@@ -33,11 +34,12 @@ import torch.nn as nn
 import babyllama.checkpoint as ckpt_io
 from babyllama.config import ConfigError
 from babyllama.quant.awq import search_scales
+from babyllama.quant.bitnet import BitLinear, BitNet, ternary
 from babyllama.quant.gptq import Hessian, gptq
 from babyllama.quant.linear import QuantLinear
 from babyllama.quant.pack import SUPPORTED_BITS, dequantize_codes, rtn
 from babyllama.quant.transform import METHODS, Quantize, quantizable
-from babyllama.transforms import applied, apply_transforms
+from babyllama.transforms import applied, apply_transforms, replace_modules, unrecord
 
 MANIFEST = "quantization.json"
 SAMPLED_ROWS = 2048  # calibration rows kept per layer for AWQ's search and the error figures
@@ -66,17 +68,18 @@ class QuantizeJob:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            hint = " (BitNet is trained, not converted: `babyllama sft --bitnet`)" if self.method == "bitnet" else ""
-            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}{hint}")
-        allowed = (8,) if self.method == "int8" else SUPPORTED_BITS
-        self.bits = self.bits or allowed[-1 if self.method == "int8" else SUPPORTED_BITS.index(4)]
+            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        allowed = {"int8": (8,), "bitnet": (2,)}.get(self.method, SUPPORTED_BITS)
+        self.bits = self.bits or (allowed[0] if len(allowed) == 1 else 4)
         if self.bits not in allowed:
             raise ConfigError(f"--method {self.method} takes --bits {' or '.join(map(str, allowed))}, got {self.bits}")
         if self.method == "int8":
             self.group_size, self.sym = 0, True  # LLM.int8: one scale per row, symmetric
+        if self.method == "bitnet":  # one scale per matrix (on every row), ternary; the head stays float
+            self.group_size, self.sym, self.head = 0, True, False
         if self.group_size < 0 or (self.group_size and self.group_size % 32):
             raise ConfigError(f"--group-size must be 0 (one scale per row) or a multiple of 32, got {self.group_size}")
-        if self.method != "rtn" and not self.calib:
+        if self.method not in ("rtn", "bitnet") and not self.calib:
             raise ConfigError(f"--method {self.method} needs calibration text: --calib FILE|DIR (a few hundred "
                               f"thousand tokens of what the model will see)")
         if self.calib_samples < 1 or self.calib_len < 0:
@@ -91,8 +94,13 @@ def quantize(job: QuantizeJob, log=print) -> Path:
 
     ckpt = ckpt_io.find_checkpoint(job.ckpt, verify=True, allow_unverified=job.allow_unverified)
     meta = ckpt_io.read_meta(ckpt)
-    if any(r.get("name") == Quantize.name for r in meta.get("transforms", [])):
+    recorded = [r.get("name") for r in meta.get("transforms", [])]
+    if Quantize.name in recorded:
         raise ConfigError(f"{ckpt} is quantized already; quantize the float checkpoint it was made from")
+    if (job.method == "bitnet") != (BitNet.name in recorded):
+        raise ConfigError(f"{ckpt}: --method bitnet packs a run trained with --bitnet (ternary weights); "
+                          f"this one was trained {'with' if BitNet.name in recorded else 'without'} it"
+                          + ("" if BitNet.name in recorded else ": pretrain or sft it with --bitnet first"))
     model, _ = ckpt_io.load_model(ckpt, allow_unverified=job.allow_unverified, merge=True)
     model.float().eval()
     check_group_size_fits(model, job.group_size)
@@ -103,6 +111,9 @@ def quantize(job: QuantizeJob, log=print) -> Path:
         settings = Quantize(job.method, job.bits, job.group_size, job.sym, job.head)
         report: dict = {}
         if job.method == "rtn":
+            apply_transforms(model, [settings])
+        elif job.method == "bitnet":
+            pack_bitnet(model)
             apply_transforms(model, [settings])
         else:
             report = calibrated(model, tokens, job, settings, log)
@@ -124,6 +135,22 @@ def quantize(job: QuantizeJob, log=print) -> Path:
         return written
     finally:
         run.close()
+
+
+@torch.no_grad()
+def pack_bitnet(model: nn.Module) -> None:
+    """Replace each trained BitLinear by its ternary codes (value + 1 at 2 bits, the matrix's scale
+    on every row): the packed layer computes what the QAT forward computed."""
+    def swap(name: str, module: nn.Module):
+        if not isinstance(module, BitLinear):
+            return None
+        values, scale = ternary(module.weight.detach().float())
+        rows = module.out_features
+        return QuantLinear.from_codes((values + 1).to(torch.uint8), scale.expand(rows, 1).clone(),
+                                      torch.ones(rows, 1), 2)
+
+    replace_modules(model, swap)
+    unrecord(model, BitNet.name)
 
 
 def check_group_size_fits(model: nn.Module, group_size: int) -> None:

@@ -18,7 +18,7 @@ import torch.nn as nn
 from babyllama.quant.linear import QuantEmbedding, QuantLinear
 from babyllama.transforms import QUANTIZE, register, replace_modules
 
-METHODS = ("rtn", "gptq", "awq", "int8")
+METHODS = ("rtn", "gptq", "awq", "int8", "bitnet")
 
 
 def quantizable(name: str, module: nn.Module, head: bool) -> bool:

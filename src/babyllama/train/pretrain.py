@@ -15,7 +15,7 @@ from babyllama.data.pretrain import dataset_fingerprint, load_manifest
 from babyllama.corpus.readers import DataError
 import babyllama.checkpoint as ckpt_io
 from babyllama.train.objectives import NextToken
-from babyllama.train.stage import StageParts, StageRun, attach_lora, describe_lora, run_stage
+from babyllama.train.stage import StageParts, StageRun, attach_bitnet, attach_lora, describe_lora, run_stage
 
 
 @dataclass
@@ -100,7 +100,10 @@ def _build(job: PretrainJob, cfg: RunConfig, manifest: dict, tok, env, data_dir:
                                        warn=print if env.is_main else None)
         # CLEX's ODE is new to a model trained without it: it starts as NTK scaling
         ckpt_io.load_weights(model, init, fresh=("rope.clex.",) if cfg.model.rope_scaling == "clex" else ())
+        attach_bitnet(model, cfg.train)
         base = attach_lora(model, cfg.lora, init, cfg.train.seed)
+    else:
+        attach_bitnet(model, cfg.train)
     seq = cfg.model.max_seq_len
     if cfg.train.s2_group_size:
         from babyllama.train.s2attn import apply_s2_attn

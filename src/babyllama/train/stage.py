@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from babyllama.checkpoint import CheckpointError
-from babyllama.config import LoraConfig, RunConfig, TrainConfig
+from babyllama.config import ConfigError, LoraConfig, RunConfig, TrainConfig
 from babyllama.outputs import write_text_atomic
 from babyllama.train.loop import BatchSource, Trainer
 from babyllama.train.objectives import Objective
@@ -144,18 +144,37 @@ def attach_lora(model, lora: LoraConfig | None, source, seed: int, chat_ids: tup
     """Apply LoRA/DoRA (when asked) to the model loaded from `source`; returns the base checkpoint
     its adapter checkpoints complete (None without LoRA). `chat_ids`: the chat markers of a stage
     that trains on conversations (their embedding rows train too, unless lora.tokens says otherwise)."""
+    from babyllama.transforms import applied, apply_transforms
+
     if lora is None:
+        if any(r["name"] == "quantize" for r in applied(model)):
+            raise ConfigError(f"{source} is quantized: its integer weights do not train; fine-tune adapters over "
+                              f"them with --lora (QLoRA), or fine-tune the float model")
         return None
     from babyllama.adapters import LoRA
     from babyllama.checkpoint import WEIGHTS
-    from babyllama.transforms import apply_transforms
 
     if not (source / WEIGHTS).is_file():
         raise CheckpointError(f"{source} is itself an adapter; fold it into plain weights first "
                               f"(babyllama lora merge --ckpt ... --out DIR) and train the new adapter on DIR")
+    if chat_ids and lora.tokens == "chat" and not hasattr(model.tok_embeddings, "weight"):
+        print("note: the embeddings are quantized, so the chat markers' rows do not train (QLoRA works best on a "
+              "model fine-tuned for chat before it was quantized)")
+        chat_ids = ()
     torch.manual_seed(seed)  # the A matrices' initialisation
     apply_transforms(model, [LoRA.from_config(lora, chat_ids)])
     return str(source)
+
+
+def attach_bitnet(model, train: TrainConfig) -> None:
+    """BitNet b1.58 quantization-aware training when asked (a run that already records it keeps it)."""
+    from babyllama.quant import BitNet
+    from babyllama.transforms import applied, apply_transforms
+
+    if train.bitnet and not any(r["name"] == BitNet.name for r in applied(model)):
+        if any(r["name"] == "quantize" for r in applied(model)):
+            raise ConfigError("--bitnet trains ternary weights from float ones; this model is quantized already")
+        apply_transforms(model, [BitNet()])
 
 
 def describe_lora(model) -> str:
