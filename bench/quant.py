@@ -20,7 +20,10 @@ weight-only has no CPU kernel here (its packings ask for CUDA or the `mslk` pack
 Each measurement runs in its own interpreter (its own peak RSS); decoding speed is the median of 3
 rounds. The machine is shared and noisy: read the ratios, measured in the same run.
 
-    python -m bench.quant [--quick] [--configs demo original] [--threads N] [--steps N]
+BitNet's row is a run trained from the float one for --qat-steps steps of quantization-aware
+training (`pretrain --init FLOAT --bitnet`, lr 1e-3) on the same training data, then packed.
+
+    python -m bench.quant [--quick] [--configs demo original] [--threads N] [--steps N] [--qat-steps N]
 """
 
 from __future__ import annotations
@@ -55,10 +58,11 @@ METHODS = [
     ("gptq 3-bit g128", ["--method", "gptq", "--bits", "3", "--group-size", "128"]),
     ("rtn 2-bit g32", ["--method", "rtn", "--bits", "2", "--group-size", "32"]),
     ("gptq 2-bit g32", ["--method", "gptq", "--bits", "2", "--group-size", "32"]),
+    ("bitnet b1.58 (QAT, 2-bit)", "bitnet"),
     ("torchao int8 weight-only", "torchao-int8"),
 ]
-QUICK = {"float32", "int8 (LLM.int8 outliers)", "rtn 4-bit g128", "gptq 4-bit g128", "awq 4-bit g128",
-         "torchao int8 weight-only"}
+QUICK = {"float32", "bf16 weights", "int8 (LLM.int8 outliers)", "rtn 8-bit", "rtn 4-bit g128", "gptq 4-bit g128",
+         "awq 4-bit g128", "rtn 4-bit g128, float head", "bitnet b1.58 (QAT, 2-bit)", "torchao int8 weight-only"}
 
 
 def babyllama(*args: str, log=print) -> None:
@@ -82,9 +86,24 @@ def original_run(steps: int, log) -> tuple[Path, Path]:
                   "--tokenizer", str(CHATGLM), "--out", str(data), log=log)
     if not (run / "checkpoints" / "latest").is_file():
         babyllama("pretrain", "--preset", "original", "--data", str(data), "--out", str(run), "--max-steps",
-                  str(steps), "--batch-size", "8", "--set", f"train.eval_interval={steps}",
-                  "--set", "train.warmup_steps=20", "--overwrite", log=log)
+                  str(steps), "--batch-size", "4", "--grad-accum", "1", "--lr", "1e-3", "--set",
+                  f"train.eval_interval={steps}", "--set", "train.eval_batches=4", "--set", "train.warmup_steps=20",
+                  "--overwrite", log=log)
     return run, data
+
+
+def bitnet_run(config: str, float_run: Path, data: Path, steps: int, log) -> Path:
+    """BitNet b1.58: `steps` steps of quantization-aware training from the float run, then packed."""
+    qat, out = WORK / config / "bitnet-qat", WORK / config / "bitnet"
+    if not (qat / "checkpoints" / "latest").is_file():
+        babyllama("pretrain", "--init", str(float_run), "--config", str(float_run / "run_config.toml"), "--bitnet",
+                  "--data", str(data), "--out", str(qat), "--max-steps", str(steps), "--batch-size", "4",
+                  "--grad-accum", "1", "--lr", "1e-3", "--set", "train.warmup_steps=10",
+                  "--set", f"train.eval_interval={steps}", "--set", "train.eval_batches=4",
+                  "--overwrite", log=log)
+    if not (out / "quantization.json").is_file():
+        babyllama("quantize", "--ckpt", str(qat), "--out", str(out), "--method", "bitnet", "--overwrite", log=log)
+    return out
 
 
 def quantized_run(config: str, name: str, flags: list[str], float_run: Path, data: Path, log) -> Path:
@@ -127,6 +146,9 @@ def worker_ppl(run: str, kind: str, data: str, threads: int) -> dict:
     model, tokenizer = _load(run, kind)
     stream = token_stream([data], tokenizer, "val", 32_768)
     length = model.config.max_seq_len
+    if kind == "torchao-int8":  # its weights are tensor subclasses our fused head + loss cannot take: full logits
+        model.output.loss_weight = lambda: None
+        model.output.__class__ = type("TorchaoHead", (type(model.output),), {})
     nats, count = score_stream(model, stream, length, length // 2, batch_size=8)
     import math
 
@@ -160,15 +182,18 @@ def worker_speed(run: str, kind: str, batch: int, threads: int) -> dict:
 
 # --- the table -----------------------------------------------------------------------------------------
 
-def measure(config: str, float_run: Path, data: Path, threads: int, quick: bool, log) -> list[dict]:
+def measure(config: str, float_run: Path, data: Path, threads: int, quick: bool, qat_steps: int, log,
+            only: list[str] | None = None) -> list[dict]:
     rows = []
     float_file = (float_run / "checkpoints" / (float_run / "checkpoints" / "latest").read_text().strip()
                   / "model.safetensors").stat().st_size
     for name, flags in METHODS:
-        if quick and name not in QUICK:
+        if (quick and name not in QUICK) or (only and name not in only):
             continue
-        if isinstance(flags, list):
-            run, kind = quantized_run(config, name, flags, float_run, data, log), "plain"
+        if isinstance(flags, list) or flags == "bitnet":
+            run = bitnet_run(config, float_run, data, qat_steps, log) if flags == "bitnet" else \
+                quantized_run(config, name, flags, float_run, data, log)
+            kind = "plain"
             manifest = json.loads((run / "quantization.json").read_text())
             size = manifest["file_bytes"]
         else:
@@ -206,7 +231,8 @@ def table(rows: list[dict]) -> str:
     return "\n\n".join(out)
 
 
-def main(quick: bool = False, configs=("demo", "original"), threads: int = 2, steps: int = 300, log=print) -> str:
+def main(quick: bool = False, configs=("demo", "original"), threads: int = 2, steps: int = 300, qat_steps: int = 200,
+         log=print, only: list[str] | None = None) -> str:
     rows = []
     for config in configs:
         if config == "demo":
@@ -215,8 +241,8 @@ def main(quick: bool = False, configs=("demo", "original"), threads: int = 2, st
             float_run, data = DEMO_RUN, DEMO_DATA
         else:
             float_run, data = original_run(steps, log)
-        rows += measure(config, float_run, data, threads, quick, log)
-    (WORK / "results.json").write_text(json.dumps(rows, indent=1))
+        rows += measure(config, float_run, data, threads, quick, qat_steps, log, only)
+    (WORK / ("results.json" if not only else "results-some.json")).write_text(json.dumps(rows, indent=1))
     cpu = platform.processor() or platform.machine()
     return (f"### Quantization ({cpu}, {threads} threads, {os.cpu_count()} cores)\n\n" + table(rows) +
             "\n\nperplexity: validation split, the model's context, half-overlapping windows; tok/s: greedy, "
@@ -237,6 +263,10 @@ if __name__ == "__main__":
     p.add_argument("--configs", nargs="+", default=["demo", "original"], choices=["demo", "original"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=300, help="pretraining steps of the original-preset model")
+    p.add_argument("--qat-steps", type=int, default=200, help="BitNet quantization-aware training steps")
+    p.add_argument("--rows", nargs="+", metavar="NAME", help="measure only these rows (float32 is always needed "
+                                                             "for the ratios)")
     a = p.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
-    print(main(a.quick, a.configs, a.threads, a.steps, log=lambda m: print(m, file=sys.stderr, flush=True)))
+    print(main(a.quick, a.configs, a.threads, a.steps, a.qat_steps, log=lambda m: print(m, file=sys.stderr, flush=True),
+               only=a.rows))

@@ -55,3 +55,15 @@ def test_a_quantized_run_is_not_fully_fine_tuned(qlora_run, tmp_path, capsys):
     assert main(["sft", "--ckpt", str(qlora_run / "q4"), "--data", str(qlora_run / "sft.jsonl"),
                  "--out", str(tmp_path / "dora"), "--dora", "--device", "cpu", "--max-steps", "2"]) == 2
     assert "DoRA needs the float weights" in capsys.readouterr().err
+
+
+def test_dpo_with_lora_runs_over_a_quantized_base(qlora_run, tmp_path):
+    pairs = [{"prompt": f"问题{i}", "chosen": "答案是好。", "rejected": "答案是坏。"} for i in range(24)]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(p, ensure_ascii=False) for p in pairs), encoding="utf-8")
+    assert main(["dpo", "--ckpt", str(qlora_run / "q4"), "--data", str(tmp_path / "pairs.jsonl"), "--out",
+                 str(tmp_path / "dpo"), "--lora", "--device", "cpu", "--max-steps", "6", "--lr", "1e-3"]) == 0
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert losses and losses[-1] < 0.69  # below ln 2: the policy moved away from its quantized reference
+    model, _ = ckpt_io.load_model(tmp_path / "dpo")
+    assert isinstance(model.layers[0].attention.wqkv.base, QuantLinear)
