@@ -9,14 +9,15 @@
 
 Calibrated methods stream the model one block at a time: the calibration samples' hidden states
 enter block i, its projections' inputs are recorded (Hessians for GPTQ, sampled rows for AWQ and
-the error figures, column maxima for int8), the block is quantized, and the states that leave the
+the error figures, column maxima for int8; the last eighth of the samples is held out, for the
+error figures only), the block is quantized, and the states that leave the
 *quantized* block feed block i + 1, so later blocks correct for earlier blocks' rounding. Memory is
 the model plus one block's activations.
 
 The output run has the checkpoint (packed codes, scales and zero points in model.safetensors; the
 `quantize` transformation and its settings in config.json, so every stage loads it) and
 quantization.json: the method, its parameters, the calibration data and, per layer, the relative
-output error on calibration inputs next to plain RTN's.
+output error on held-out calibration inputs next to plain RTN's.
 """
 
 from __future__ import annotations
@@ -200,25 +201,37 @@ class Recorder:
         self.input_scale: torch.Tensor | None = None  # AWQ: the layer now sees its inputs divided by this
         self.seen = 0
         self._sample = None
+        self.holdout = False  # set while held-out samples pass: recorded for the error figures only
+        self.heldout: list[torch.Tensor] = []
 
     def __call__(self, module, args) -> None:
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        keep = torch.randperm(x.shape[0], generator=self.generator)[:SAMPLED_ROWS]
+        if self.holdout:
+            self.heldout.append(x[keep])
+            return
         if self.hessian is not None:
             self.hessian.add(x)
         self.column_max = torch.maximum(self.column_max, x.abs().amax(dim=0))
-        keep = torch.randperm(x.shape[0], generator=self.generator)[:SAMPLED_ROWS]
         self.rows.append(x[keep])
         self.seen += x.shape[0]
 
     def sample(self, scaled: bool = True) -> torch.Tensor:
-        """Up to SAMPLED_ROWS recorded input rows (the same ones each call); `scaled`: as the layer
-        sees them after AWQ's scaling."""
+        """Up to SAMPLED_ROWS recorded calibration input rows (the same ones each call); `scaled`: as
+        the layer sees them after AWQ's scaling."""
         if self._sample is None:
             rows = torch.cat(self.rows)
             self._sample = rows[torch.randperm(rows.shape[0], generator=self.generator)[:SAMPLED_ROWS]]
-        if scaled and self.input_scale is not None:
-            return self._sample / self.input_scale
-        return self._sample
+        return self._scaled(self._sample, scaled)
+
+    def heldout_sample(self, scaled: bool = True) -> torch.Tensor:
+        """Input rows of the held-out samples (no method saw them): where the error figures are measured."""
+        if not self.heldout:
+            return self.sample(scaled)
+        return self._scaled(torch.cat(self.heldout)[:SAMPLED_ROWS], scaled)
+
+    def _scaled(self, rows: torch.Tensor, scaled: bool) -> torch.Tensor:
+        return rows / self.input_scale if scaled and self.input_scale is not None else rows
 
 
 @torch.no_grad()
@@ -236,7 +249,8 @@ def calibrated(model: nn.Module, tokens: torch.Tensor, job: QuantizeJob, setting
     layers, outliers = [], {}
     bar = tqdm(total=len(model.layers) + int(job.head), desc=f"{job.method} {job.bits}-bit", unit="block", file=sys.stderr)
     for i, block in enumerate(model.layers):
-        recorders = record(block, f"layers.{i}.", job.method, generator, lambda: [block(s, cos, sin) for s in states])
+        recorders = record(block, f"layers.{i}.", job.method, generator,
+                           lambda recs: run_with_holdout(recs, states, lambda s: block(s, cos, sin)))
         if job.method == "awq":
             scale_block(block, recorders, job, model.config)
         for name, rec in recorders.items():
@@ -245,7 +259,8 @@ def calibrated(model: nn.Module, tokens: torch.Tensor, job: QuantizeJob, setting
         bar.update()
     if job.head:
         normed = [model.norm(s) for s in states]
-        recorders = record(model, "", job.method, generator, lambda: [model.output(s) for s in normed], only="output")
+        recorders = record(model, "", job.method, generator,
+                           lambda recs: run_with_holdout(recs, normed, model.output), only="output")
         rec = recorders["output"]
         if job.method == "awq" and not model.config.tie_embeddings:
             scale_into_norm(model.norm, [model.output], rec, job)
@@ -261,15 +276,27 @@ def calibrated(model: nn.Module, tokens: torch.Tensor, job: QuantizeJob, setting
     return summary
 
 
+def run_with_holdout(recorders, batches: list[torch.Tensor], forward) -> None:
+    """Forward every calibration batch; the last eighth of them (at least one, when there are two or
+    more) is held out: the methods never see it, the error figures are measured on it."""
+    first_heldout = len(batches) - max(1, len(batches) // 8) if len(batches) > 1 else len(batches)
+    for j, batch in enumerate(batches):
+        for rec in recorders:
+            rec.holdout = j >= first_heldout
+        forward(batch)
+    for rec in recorders:
+        rec.holdout = False
+
+
 def record(root: nn.Module, prefix: str, method: str, generator, run, only: str | None = None) -> dict[str, Recorder]:
-    """Run `run()` with a recorder on each plain projection under `root`: {qualified name: Recorder}."""
+    """Run `run(recorders)` with a recorder on each plain projection under `root`: {qualified name: Recorder}."""
     recorders, handles = {}, []
     for name, module in root.named_modules():
         if type(module) is nn.Linear and (only is None or name == only) and quantizable(prefix + name, module, True):
             recorders[name] = Recorder(module, method, generator)
             handles.append(module.register_forward_pre_hook(recorders[name]))
     try:
-        run()
+        run(list(recorders.values()))
     finally:
         for h in handles:
             h.remove()
@@ -283,7 +310,7 @@ def relative_error(x: torch.Tensor, weight: torch.Tensor, approx: torch.Tensor) 
 
 def quantize_layer(root: nn.Module, prefix: str, name: str, rec: Recorder, job: QuantizeJob, settings: Quantize,
                    outliers: dict, method: str | None = None) -> dict:
-    """Replace `root.<name>` by its quantized layer; returns its relative output error on
+    """Replace `root.<name>` by its quantized layer; returns its relative output error on held-out
     calibration rows and, for comparison, plain RTN's on the same rows."""
     method = method or job.method
     linear, qualified = rec.module, prefix + name
@@ -297,10 +324,10 @@ def quantize_layer(root: nn.Module, prefix: str, name: str, rec: Recorder, job: 
     else:  # rtn, and awq (whose scales are already folded into the weights)
         layer = QuantLinear.from_linear(linear, job.bits, group, job.sym)
     outliers[qualified] = 0 if layer.outlier_index is None else len(layer.outlier_index)
-    x, weight = rec.sample(scaled=True), linear.weight.detach().float()
+    x, weight = rec.heldout_sample(scaled=True), linear.weight.detach().float()
     # RTN's baseline: the same layer without AWQ's input scaling (rows another layer's scales
     # divided stay divided: a row scaled as a whole rounds to the same codes)
-    x0, weight0 = rec.sample(scaled=False), weight if rec.input_scale is None else weight / rec.input_scale
+    x0, weight0 = rec.heldout_sample(scaled=False), weight if rec.input_scale is None else weight / rec.input_scale
     codes, scales, zeros = rtn(weight0, job.bits, group, job.sym)
     plain = dequantize_codes(codes.view(-1, group), scales.reshape(-1), zeros.reshape(-1)).view_as(weight0)
     _set_module(root, name, layer)
