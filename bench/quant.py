@@ -75,7 +75,7 @@ def babyllama(*args: str, log=print) -> None:
 
 def original_run(steps: int, log) -> tuple[Path, Path]:
     """The original preset, pretrained `steps` steps on the built-in corpus in ChatGLM2's tokenizer."""
-    run, data = WORK / "original", WORK / "original-data"
+    run, data = WORK / "original-float", WORK / "original-data"  # the quantized runs go in WORK / "original"
     if not (data / "manifest.json").is_file():
         if not (CHATGLM / "tokenizer.model").is_file():
             raise SystemExit(f"{CHATGLM} is absent: the original preset's tokenizer comes from ../shared/data")
@@ -223,7 +223,7 @@ def table(rows: list[dict]) -> str:
                   f"{r['ppl']:.2f} ({(r['ppl'] / base['ppl'] - 1) * 100:+.1f}%)",
                   f"{r['tok_s_1']:.1f} ({r['tok_s_1'] / base['tok_s_1']:.2f}x)",
                   f"{r['tok_s_8']:.1f} ({r['tok_s_8'] / base['tok_s_8']:.2f}x)", f"{r['rss_mb']:.0f}",
-                  f"{r['error_vs_rtn']:.2f}" if r["error_vs_rtn"] else "",
+                  f"{r['error_vs_rtn']:.3g}" if r["error_vs_rtn"] else "",
                   f"{r['seconds']:.0f}" if r["seconds"] is not None else ""] for r in mine]
         out.append(f"**{config}**\n\n" + markdown_table(
             ["method", "file MiB (of float32)", "perplexity (change)", "batch-1 tok/s", "batch-8 tok/s",
@@ -247,7 +247,8 @@ def main(quick: bool = False, configs=("demo", "original"), threads: int = 2, st
     return (f"### Quantization ({cpu}, {threads} threads, {os.cpu_count()} cores)\n\n" + table(rows) +
             "\n\nperplexity: validation split, the model's context, half-overlapping windows; tok/s: greedy, "
             f"{PROMPT}-token prompts, {NEW_TOKENS} new tokens, median of 3; layer error: the geometric mean over layers "
-            "of the method's relative output error on calibration rows divided by plain RTN's")
+            "of the method's relative output error on held-out calibration rows divided by plain RTN's; torchao quantizes "
+            "the float file when it loads it")
 
 
 if __name__ == "__main__":
