@@ -44,7 +44,8 @@ def _build():
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            print("babyllama: loading the low-bit matmul kernel (compiled on first use: about a minute)...", file=sys.stderr)
+            if not _built_before():
+                print("babyllama: compiling the low-bit matmul kernel (once: about a minute)...", file=sys.stderr)
             module = load(name="babyllama_lowbit", sources=[str(Path(__file__).with_name("lowbit.cpp"))],
                           extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"],
                           verbose=False)
@@ -56,6 +57,16 @@ def _build():
         print(f"babyllama: the low-bit kernel could not be built ({str(e).splitlines()[0][:200]}); "
               f"quantized layers use the slower PyTorch path", file=sys.stderr)
         return None
+
+
+def _built_before() -> bool:
+    """Whether the kernel's library is in the build cache already (then loading it is instant)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # private: any failure means "do not know"
+
+        return (Path(_get_build_directory("babyllama_lowbit", False)) / "babyllama_lowbit.so").is_file()
+    except Exception:
+        return False
 
 
 def kernel_available() -> bool:
