@@ -1,7 +1,9 @@
-"""`python -m bench [--quick] [--only train|generate|data|eval|lora|dpo|rollout|longctx|quant]`: every benchmark in turn, then one report of all tables.
+"""`python -m bench [--quick] [--only train|generate|data|eval|lora|dpo|rollout|longctx|quant|export]`: every benchmark in turn, then one report of all tables.
 
-The long-context table (bench/longctx.py: fine-tunes a demo run, ~30 min) and the quantization table
-(bench/quant.py: pretrains the original preset briefly, ~1.5 h) run only when asked by name.
+The long-context table (bench/longctx.py: fine-tunes a demo run, ~30 min), the quantization table
+(bench/quant.py: pretrains the original preset briefly, ~1.5 h) and the GGUF/llama.cpp table
+(bench/export.py: needs llama-cpp-python, compiled from source by `make bench`) run only when
+asked by name.
 
 This process only starts the measurements and prints; it never imports torch or a tokenizer, so
 it stays small: a child started from it counts its parent's memory in ru_maxrss (Linux keeps the
@@ -24,7 +26,8 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="fewer repetitions; the training benchmark runs the demo config only")
-    p.add_argument("--only", choices=["train", "generate", "data", "eval", "lora", "dpo", "rollout", "longctx", "quant"],
+    p.add_argument("--only", choices=["train", "generate", "data", "eval", "lora", "dpo", "rollout", "longctx", "quant",
+                                        "export"],
                    help="run one benchmark (longctx runs only when named: it needs the demo's run and ~30 min)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the benchmarks that use torch")
     args = p.parse_args()
@@ -63,6 +66,9 @@ def main() -> None:
     if args.only == "quant":
         log("quantization: size, perplexity and decoding speed per method, torchao as the peer")
         tables.append(_in_child("bench.quant", "--threads", str(args.threads), *(["--quick"] if args.quick else [])))
+    if args.only == "export":
+        log("GGUF export: sizes, llama.cpp's agreement with us and its decoding speed next to ours")
+        tables.append(_in_child("bench.export", "--threads", str(args.threads)))
     print(f"## Benchmarks ({platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
           f"torch {version('torch')}, transformers {version('transformers')}, "
           f"{'quick' if args.quick else 'full'} run, {time.perf_counter() - started:.0f} s)\n")

@@ -72,3 +72,33 @@ def tiny_model_config(vocab_size: int = 1024, **kw) -> ModelConfig:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def float_run(data_dir, tmp_path_factory):
+    """A tiny pretrained run (real text, so real activations): 60 steps of a 2-layer model (dim 64,
+    grouped-query attention) on news and reviews. Quantization and export start from it."""
+    from babyllama.config import RunConfig, TrainConfig
+    from babyllama.train.pretrain import PretrainJob, pretrain
+
+    out = tmp_path_factory.mktemp("float") / "float"
+    cfg = RunConfig(model=tiny_model_config(vocab_size=0, max_seq_len=64),
+                    train=TrainConfig(max_steps=60, batch_size=8, lr=3e-3, warmup_steps=5, eval_interval=60,
+                                      eval_batches=1, ckpt_interval=100, device="cpu"))
+    pretrain(PretrainJob(data=str(data_dir), out=str(out), config=cfg, progress=False))
+    return out
+
+
+def pytest_addoption(parser):
+    parser.addoption("--llamacpp", action="store_true",
+                     help="also run the tests against llama.cpp (needs llama-cpp-python, built from source: see README)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `llamacpp` run only with --llamacpp: `make test` does not build llama.cpp."""
+    if config.getoption("--llamacpp"):
+        return
+    kept = [item for item in items if "llamacpp" not in item.keywords]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if "llamacpp" in item.keywords])
+        items[:] = kept

@@ -55,6 +55,10 @@ RUN = OutputKind("training run", ("run.json", "run_config.toml"),
                  ("run.json", "run_config.toml", "checkpoints", "tokenizer", "metrics.jsonl", "metrics.jsonl.tmp",
                   "loss.png", "sft_data.json", "dpo_data.json", "reward_data.json", "tensorboard", "eval", "environment.json", "report.md", "report.html",
                   "report", ".lock"))
+HF_EXPORT = OutputKind("Hugging Face model", ("config.json",),
+                      ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+                       "model.safetensors.index.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                       "adapter"))
 DEMO = OutputKind("demo directory", ("demo.json", "report.json"),
                   ("demo.json", "corpus", "tokenizer", "data", "pretrain", "sft", "sft_scratch", "sft_lora", "sft_probe",
                    "samples.json", "loss.png", "report.json", "report.md", "report.html", "report", "curve",

@@ -13,6 +13,9 @@
     babyllama rl --algo grpo|ppo --ckpt SFT_RUN --prompts FILE --out DIR --reward-fn MODULE:FUNC | --reward RM_RUN
     babyllama quantize        --ckpt DIR --out DIR --method rtn|gptq|awq|int8 [--bits 2|3|4|8] [--group-size G]
                               [--calib FILE|DIR...]   (packed low-bit weights every stage loads)
+    babyllama export          --ckpt DIR --out DIR [--format hf] [--type f32|f16|bf16] [--peft]
+    babyllama export          --ckpt DIR --out FILE.gguf --format gguf [--type f16|f32|q8_0|q4_0]  (+ Modelfile)
+    babyllama import          --hf DIR --out DIR      (a Hugging Face Llama as a run every stage takes)
     babyllama generate        --ckpt DIR --prompt TEXT [--chat] [--device D] [--dtype T]
     babyllama chat            --ckpt DIR [--device D] [--dtype T]
     babyllama eval ppl        --ckpt DIR --data DIR|FILE... [--lengths 256,512,1024] [--stride S]
@@ -38,10 +41,10 @@ import os
 import sys
 from pathlib import Path
 
-from babyllama.cli import align, demo, evaluate, infer, lora, prepare, quant, report, train
+from babyllama.cli import align, demo, evaluate, export, infer, lora, prepare, quant, report, train
 from babyllama.cli.flags import Args
 
-STAGE_GROUPS = (prepare, train, lora, align, quant, infer, evaluate, report, demo)  # in the order `babyllama --help` lists their stages
+STAGE_GROUPS = (prepare, train, lora, align, quant, export, infer, evaluate, report, demo)  # in the order `babyllama --help` lists their stages
 
 
 class Parser(argparse.ArgumentParser):

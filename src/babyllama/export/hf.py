@@ -77,3 +77,73 @@ def to_hf_model(model, **config_extra):
     if model.config.tie_embeddings:
         hf.tie_weights()
     return hf.to(next(model.parameters()).dtype)
+
+
+# --- the other way: a Hugging Face Llama checkpoint as our model ---------------------------------
+
+def model_config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
+    """Our ModelConfig for a transformers Llama config.json; what our model does not compute is refused."""
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(f"{where}: {why}; babyllama imports Llama-architecture models (LlamaForCausalLM)")
+
+    archs = cfg.get("architectures") or []
+    if cfg.get("model_type") != "llama" or (archs and "LlamaForCausalLM" not in archs):
+        raise refuse(f"model_type {cfg.get('model_type')!r}, architectures {archs}")
+    for key, plain in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu"),
+                       ("pretraining_tp", 1)):
+        if cfg.get(key, plain) != plain:
+            raise refuse(f"{key} = {cfg[key]!r} (ours: {plain!r})")
+    dim, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    if cfg.get("head_dim") not in (None, dim // heads):
+        raise refuse(f"head_dim {cfg['head_dim']} is not hidden_size / num_attention_heads = {dim // heads}")
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    positions = cfg.get("max_position_embeddings", 2048)
+    scaling: dict = {}
+    if kind == "linear":
+        scaling = dict(rope_scaling="linear", rope_factor=float(rope["factor"]))
+    elif kind == "dynamic":  # grows the base past max_position_embeddings, which is the trained length
+        scaling = dict(rope_scaling="dynamic-ntk", rope_factor=float(rope["factor"]), rope_original_len=positions)
+        positions = int(positions * rope["factor"])
+    elif kind == "yarn":
+        extra = set(rope) - {"rope_type", "type", "factor", "original_max_position_embeddings", "beta_fast",
+                             "beta_slow", "rope_theta"}
+        if extra:
+            raise refuse(f"YaRN settings {sorted(extra)} (ours: factor, original length, beta_fast, beta_slow)")
+        scaling = dict(rope_scaling="yarn", rope_factor=float(rope["factor"]),
+                       rope_original_len=int(rope.get("original_max_position_embeddings", positions)),
+                       rope_beta_fast=float(rope.get("beta_fast", 32.0)), rope_beta_slow=float(rope.get("beta_slow", 1.0)))
+    elif kind != "default":
+        raise refuse(f"RoPE type {kind!r} (ours: default, linear, dynamic, yarn)")
+    return ModelConfig(vocab_size=cfg["vocab_size"], dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=heads,
+                       n_kv_heads=cfg.get("num_key_value_heads") or heads, hidden_dim=cfg["intermediate_size"],
+                       max_seq_len=positions, norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+                       tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), **scaling)
+
+
+def state_dict_from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our parameter names and fused projections from a transformers Llama's tensors (float32)."""
+    def take(name: str) -> torch.Tensor:
+        if name not in hf:
+            raise ConfigError(f"the checkpoint has no tensor {name!r}; is it a LlamaForCausalLM?")
+        return hf.pop(name).float()
+
+    sd = {"tok_embeddings.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
+    if "lm_head.weight" in hf and not cfg.tie_embeddings:
+        sd["output.weight"] = take("lm_head.weight")
+    elif not cfg.tie_embeddings:
+        raise ConfigError("the checkpoint has no lm_head.weight and does not tie it to the embedding")
+    hf.pop("lm_head.weight", None)  # a tied copy
+    for i in range(cfg.n_layers):
+        p, ours = f"model.layers.{i}.", f"layers.{i}."
+        sd[ours + "attention.wqkv.weight"] = torch.cat([take(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
+        sd[ours + "attention.wo.weight"] = take(p + "self_attn.o_proj.weight")
+        sd[ours + "feed_forward.w13.weight"] = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
+        sd[ours + "feed_forward.w2.weight"] = take(p + "mlp.down_proj.weight")
+        sd[ours + "attention_norm.weight"] = take(p + "input_layernorm.weight")
+        sd[ours + "ffn_norm.weight"] = take(p + "post_attention_layernorm.weight")
+    leftover = [k for k in hf if not k.endswith("rotary_emb.inv_freq")]
+    if leftover:
+        raise ConfigError(f"tensors babyllama cannot place: {leftover[:3]}{' ...' if len(leftover) > 3 else ''}")
+    return sd

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import babyllama.checkpoint as ckpt_io
 from babyllama.config import ConfigError
-from babyllama.train.rundir import open_run_dir, write_checkpoint_run
+from babyllama.rundir import open_run_dir, write_checkpoint_run
 
 
 @dataclass

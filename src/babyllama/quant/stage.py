@@ -91,7 +91,7 @@ class QuantizeJob:
 
 def quantize(job: QuantizeJob, log=print) -> Path:
     """Quantize `job.ckpt` into the run `job.out`; returns the written checkpoint directory."""
-    from babyllama.train.rundir import open_run_dir, write_checkpoint_run
+    from babyllama.rundir import open_run_dir, write_checkpoint_run
 
     ckpt = ckpt_io.find_checkpoint(job.ckpt, verify=True, allow_unverified=job.allow_unverified)
     meta = ckpt_io.read_meta(ckpt)
@@ -175,7 +175,7 @@ def calibration_tokens(job: QuantizeJob, ckpt: Path, context: int) -> torch.Tens
     """(samples, length) ids: consecutive windows of the calibration text, in the model's tokenizer."""
     from babyllama.eval.perplexity import token_stream
     from babyllama.tokenizer import load_tokenizer
-    from babyllama.train.rundir import tokenizer_dir
+    from babyllama.rundir import tokenizer_dir
 
     length = min(job.calib_len or context, context)
     tokenizer = load_tokenizer(tokenizer_dir(ckpt))

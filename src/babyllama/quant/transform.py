@@ -73,3 +73,34 @@ def tie_quantized_head(model: nn.Module) -> None:
     if getattr(model.config, "tie_embeddings", False) and isinstance(model.output, QuantLinear) \
             and not isinstance(model.tok_embeddings, QuantEmbedding):
         model.tok_embeddings = QuantEmbedding(model.output)
+
+
+def to_float(model: nn.Module) -> int:
+    """Undo the quantization for formats that hold float weights (export): every `QuantLinear`
+    becomes the `nn.Linear` of the values its codes stand for, a BitNet projection the `nn.Linear`
+    of its ternary weights times their scale, and a quantized tied head serves the embedding again.
+    The outputs then differ from the quantized model's only by the activation rounding its kernel
+    (or BitNet's int8 activations) does. Returns how many layers changed."""
+    from babyllama.quant.bitnet import BitLinear, ternary
+    from babyllama.transforms import unrecord
+
+    def swap(name: str, module: nn.Module):
+        if isinstance(module, QuantLinear):
+            weight = module.dequantized()
+        elif isinstance(module, BitLinear):
+            values, scale = ternary(module.weight.detach())
+            weight = values * scale
+        else:
+            return None
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device)
+        linear.weight = nn.Parameter(weight.float(), requires_grad=False)
+        return linear
+
+    tied_quantized = isinstance(model.tok_embeddings, QuantEmbedding)
+    count = replace_modules(model, swap)
+    if tied_quantized:
+        model.tok_embeddings = nn.Embedding(model.config.vocab_size, model.config.dim, device=model.output.weight.device)
+        model.tok_embeddings.weight = model.output.weight
+    unrecord(model, Quantize.name)
+    unrecord(model, "bitnet")
+    return count

@@ -187,14 +187,14 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if not path.exists():
         raise TokenizerError(f"tokenizer not found: {path}")
     if path.is_dir():
+        cfg_file = path / CONFIG_FILE
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
+        ours = cfg.get("babyllama", cfg)  # an export keeps our settings under "babyllama", beside HF's
+        if (path / "tokenizer.model").is_file() and isinstance(ours, dict) and "appended_specials" in ours:
+            return SentencePieceTokenizer(path / "tokenizer.model", ours["appended_specials"], ours["kind"])
         if (path / "tokenizer.json").is_file():
             return HFTokenizer(path / "tokenizer.json")
         if (path / "tokenizer.model").is_file():
-            cfg_file = path / CONFIG_FILE
-            if cfg_file.is_file():
-                cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-                if "appended_specials" in cfg:  # written by us
-                    return SentencePieceTokenizer(path / "tokenizer.model", cfg["appended_specials"], cfg["kind"])
             return load_tokenizer(path / "tokenizer.model")
         raise TokenizerError(f"{path}: no tokenizer.json or tokenizer.model in this directory")
     if path.suffix == ".json":

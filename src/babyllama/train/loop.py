@@ -27,7 +27,7 @@ from babyllama.transforms import applied, trains_own_params
 from babyllama.train.distributed import distributed_env, full_state, gradient_sync, load_full_state, rank_device, wrap_model
 from babyllama.train.objectives import NextToken, Objective
 from babyllama.train.optim import build_optimizer, lr_at, param_groups
-from babyllama.train.rundir import trim_metrics
+from babyllama.rundir import trim_metrics
 from babyllama.runtime import autocast_context, peak_flops, pick_device, pick_dtype, tune_cpu_allocator
 
 

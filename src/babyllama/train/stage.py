@@ -3,7 +3,7 @@
     run_stage(StageRun(stage="pretrain", out=..., train=cfg.train, inputs=[...], resume=..., ...), build)
 
 does, in this order and the same way for every stage:
-1. join the process group (under torchrun) and claim `out` (train/rundir.py: lock, --resume and
+1. join the process group (under torchrun) and claim `out` (rundir.py: lock, --resume and
    --overwrite rules, inputs outside `out`); only rank 0 checks, locks and writes;
 2. `build(env)`: the stage loads what it trains (model, objective, batches, validation batches, the
    data's identity, tokenizer) and returns it as `StageParts`;
@@ -29,7 +29,7 @@ from babyllama.config import ConfigError, LoraConfig, RunConfig, TrainConfig
 from babyllama.outputs import write_text_atomic
 from babyllama.train.loop import BatchSource, Trainer
 from babyllama.train.objectives import Objective
-from babyllama.train.rundir import check_resume_matches, open_run_dir, write_run_info
+from babyllama.rundir import check_resume_matches, open_run_dir, write_run_info
 
 
 @dataclass

@@ -8,7 +8,7 @@ import pytest
 
 from babyllama.outputs import OutputError
 from babyllama.checkpoint import CheckpointError
-from babyllama.train.rundir import check_resume_matches, open_run_dir, trim_metrics, write_run_info
+from babyllama.rundir import check_resume_matches, open_run_dir, trim_metrics, write_run_info
 
 
 def a_run(path, steps=(4,)):

@@ -100,9 +100,10 @@ def tokenizer_dir(ckpt: Path) -> Path:
 
 
 def write_checkpoint_run(out: Path, stage: str, model, ckpt_from: Path, step: int, info: dict,
-                         base: str | None = None) -> Path:
+                         base: str | None = None, tokenizer=None) -> Path:
     """A run directory holding one checkpoint of `model` (an adapter's alone when `base`), made by a
-    stage that transforms a checkpoint rather than training (merge, import, quantize)."""
+    stage that transforms a checkpoint rather than training (merge, import, quantize). The tokenizer
+    is `ckpt_from`'s unless given."""
     import shutil
 
     import babyllama.checkpoint as ckpt_io
@@ -110,7 +111,7 @@ def write_checkpoint_run(out: Path, stage: str, model, ckpt_from: Path, step: in
     from babyllama.tokenizer import load_tokenizer
     from babyllama.transforms import applied
 
-    tokenizer = load_tokenizer(tokenizer_dir(ckpt_from))
+    tokenizer = tokenizer or load_tokenizer(tokenizer_dir(ckpt_from))
     write_run_info(out, stage, {"path": str(ckpt_from), "fingerprint": None}, tokenizer.fingerprint, **info)
     (out / "run_config.toml").write_text(RunConfig(model=model.config).to_toml(), encoding="utf-8")
     if (out / "tokenizer").exists():
