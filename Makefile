@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml requirements-cpu.txt | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test browser bench clean
 
 $(STAMP): pyproject.toml requirements-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,9 +20,16 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/babyllama demo
 
-test: setup
+test: setup browser
 	$(BIN)/lint-imports  # the import rules in pyproject.toml
 	$(BIN)/python -m pytest
+
+# the chat page's test drives a real browser: Debian's chromium, installed when missing
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null \
+	  || { echo "installing Debian's chromium (for tests/serve/test_page.py)"; \
+	       $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
+	       $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq chromium >/dev/null; }
 
 bench: setup
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'  # lm-evaluation-harness, the reference of bench/eval_vs_lmeval.py

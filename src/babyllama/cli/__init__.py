@@ -18,6 +18,7 @@
     babyllama import          --hf DIR --out DIR      (a Hugging Face Llama as a run every stage takes)
     babyllama generate        --ckpt DIR --prompt TEXT [--chat] [--device D] [--dtype T]
     babyllama chat            --ckpt DIR [--device D] [--dtype T]
+    babyllama serve           --ckpt DIR [--port 8000] [--api-key KEY] [--max-batch N]  (OpenAI API + chat page)
     babyllama eval ppl        --ckpt DIR --data DIR|FILE... [--lengths 256,512,1024] [--stride S]
     babyllama eval mc         --ckpt DIR --data DIR|FILE... [--shots K] [--split val|test|dev] [--score letter|text]
     babyllama eval gen        --ckpt DIR --data FILE... [--max-new-tokens N] [--max-samples N]
@@ -41,10 +42,10 @@ import os
 import sys
 from pathlib import Path
 
-from babyllama.cli import align, demo, evaluate, export, infer, lora, prepare, quant, report, train
+from babyllama.cli import align, demo, evaluate, export, infer, lora, prepare, quant, report, serve, train
 from babyllama.cli.flags import Args
 
-STAGE_GROUPS = (prepare, train, lora, align, quant, export, infer, evaluate, report, demo)  # in the order `babyllama --help` lists their stages
+STAGE_GROUPS = (prepare, train, lora, align, quant, export, infer, serve, evaluate, report, demo)  # in the order `babyllama --help` lists their stages
 
 
 class Parser(argparse.ArgumentParser):
