@@ -133,6 +133,9 @@ def test_every_bad_request_gets_an_error_object_and_the_server_goes_on(server, f
         error = response.json()["error"]
         assert error["message"] and error["type"] and (code is None or error["code"] == code)
         assert _post(url, "/v1/chat/completions", chat).status_code == 200  # still serving
+    chunked = httpx.post(url + "/v1/completions", content=(b"x" * (1 << 16) for _ in range(40)),
+                         headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "body_too_large"
     missing = httpx.get(url + "/v1/nothing", headers={"Authorization": f"Bearer {API_KEY}"})
     assert missing.status_code == 404 and missing.json()["error"]["message"]
     completion = _post(url, "/v1/completions", {"model": "tiny", "prompt": long_text})

@@ -51,6 +51,40 @@ class APIError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
+class BodyLimit:
+    """Read a POST body up to the limit before the app sees it: over the limit, 413 at once (a chunked
+    body has no Content-Length to check first); within it, the app gets the body as it came."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                error = APIError(413, f"the request body is over {self.limit} bytes", code="body_too_large")
+                return await error.response()(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # what comes later: the client's disconnect
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
 # --- the requests ---------------------------------------------------------------------------------
 
 class Sampling(BaseModel):
@@ -120,13 +154,11 @@ class Served:
 def create_app(served: Served) -> FastAPI:
     app = FastAPI(title="babyllama", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.served = served
+    app.add_middleware(BodyLimit, limit=served.max_body)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        """The body limit and the key, before anything reads the request."""
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > served.max_body):
-            return APIError(413, f"the request body is over {served.max_body} bytes", code="body_too_large").response()
+        """The key, before a handler runs."""
         if served.api_key and request.url.path.startswith("/v1/") and not _key_ok(request, served.api_key):
             return APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                             code="invalid_api_key").response()
