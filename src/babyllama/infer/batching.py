@@ -181,14 +181,14 @@ class Batcher:
                 self.admitting = len(joining)
             try:
                 with torch.no_grad():
-                    for request in joining:
-                        self._admit(request)
-                        self.admitting -= 1
+                    self._admit(joining)
+                    self.admitting = 0
                     if self.running:
                         self._step()
             except Exception as err:  # a bug must not take the server down with it: fail the rows, go on
                 self.admitting = 0
-                for request in self.running:
+                hit = self.running + [r for r in joining if r not in self.running and not r.cancelled]
+                for request in hit:
                     self._finish(request, f"error: {type(err).__name__}: {err}")
                 while self.running:
                     self.cache.remove(len(self.running) - 1)
@@ -197,17 +197,30 @@ class Batcher:
         for request in list(self.running) + list(self.waiting):
             request.on_finish("cancelled")
 
-    def _admit(self, request: Request) -> None:
-        if request.cancelled:
-            request.on_finish("cancelled")
+    def _admit(self, requests: list[Request]) -> None:
+        """Read the joining prompts in one forward pass (left-padded) and give each a row."""
+        for r in requests:
+            if r.cancelled:  # its client left while it waited
+                self._finish(r, "cancelled")
+        requests = [r for r in requests if not r.cancelled]
+        if not requests:
             return
-        prompt = torch.tensor([request.prompt], device=self.cache.lens.device)
-        cache = self.model.new_cache(1, len(request.prompt))
-        logits = self.model(prompt, cache=cache, start_pos=0, last_only=True)[:, -1]
-        row = self.cache.add([k[0] for k in cache.keys], [v[0] for v in cache.values], len(request.prompt))
-        self.running.append(request)
-        self.seen[row] = False
-        self.seen[row, prompt[0]] = True
+        device = self.cache.lens.device
+        longest = max(len(r.prompt) for r in requests)
+        pad = torch.tensor([longest - len(r.prompt) for r in requests])
+        tokens = torch.zeros(len(requests), longest, dtype=torch.long)
+        for i, r in enumerate(requests):
+            tokens[i, int(pad[i]):] = torch.tensor(r.prompt)
+        cache = self.model.new_cache(len(requests), longest)
+        cache.set_padding(pad)
+        logits = self.model(tokens.to(device), cache=cache, start_pos=0, last_only=True)[:, -1]
+        for i, r in enumerate(requests):
+            begin = int(pad[i])
+            row = self.cache.add([k[i, :, begin:] for k in cache.keys], [v[i, :, begin:] for v in cache.values],
+                                 len(r.prompt))
+            self.running.append(r)
+            self.seen[row] = False
+            self.seen[row, torch.tensor(r.prompt, device=device)] = True
         self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
 
     def _step(self) -> None:
@@ -234,8 +247,9 @@ class Batcher:
         self.seen[torch.arange(rows), next_ids] = True
         order = list(range(rows))  # which of this step's rows each cache row holds after the retiring
         for row, reason in sorted(leaving, reverse=True):  # from the back: the row moved in never leaves now
-            self._finish(self.running[row], reason)
-            self._retire(row)
+            request = self.running[row]
+            self._retire(row)  # first: a caller told it finished sees its row free
+            self._finish(request, reason)
             order[row] = order[-1]
             order.pop()
         self.steps += 1
@@ -265,5 +279,9 @@ class Batcher:
     def _sample(logits: torch.Tensor, samplings: list[SamplingConfig], generators: list) -> torch.Tensor:
         if all(s.temperature <= 0 for s in samplings):
             return sample_next(logits, samplings[0])
+        first = samplings[0]
+        if all(g is None for g in generators) and all(
+                (s.temperature, s.top_k, s.top_p) == (first.temperature, first.top_k, first.top_p) for s in samplings):
+            return sample_next(logits, first)  # unseeded rows alike: one draw for the batch
         return torch.cat([sample_next(logits[i:i + 1], s, generator=g)
                           for i, (s, g) in enumerate(zip(samplings, generators))])

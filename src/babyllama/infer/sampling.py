@@ -120,6 +120,11 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, context: torch.Tensor
     # temperature is held to float32's normal range, where 0 / t stays 0 and -inf / t stays -inf
     finfo = torch.finfo(torch.float32)
     scaled = (logits - top) / min(max(cfg.temperature, finfo.tiny), finfo.max)
-    scaled = filter_top_p(filter_top_k(scaled, cfg.top_k), cfg.top_p)
-    probs = scaled.softmax(dim=-1)
+    if 0 < cfg.top_k < scaled.shape[-1]:
+        # only the k best can be drawn: top-p and the draw among those k (sorting 64k logits per row
+        # for top-p cost more than the model's step at batch 32). Ties at the k-th value: k are kept.
+        values, index = torch.topk(scaled, cfg.top_k, dim=-1)
+        probs = filter_top_p(values, cfg.top_p).softmax(dim=-1)
+        return index.gather(1, torch.multinomial(probs, 1, generator=generator)).squeeze(1)
+    probs = filter_top_p(scaled, cfg.top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
