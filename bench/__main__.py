@@ -1,9 +1,9 @@
-"""`python -m bench [--quick] [--only train|generate|data|eval|lora|dpo|rollout|longctx|quant|export]`: every benchmark in turn, then one report of all tables.
+"""`python -m bench [--quick] [--only train|generate|data|eval|lora|dpo|rollout|longctx|quant|export|serve]`: every benchmark in turn, then one report of all tables.
 
 The long-context table (bench/longctx.py: fine-tunes a demo run, ~30 min), the quantization table
 (bench/quant.py: pretrains the original preset briefly, ~1.5 h) and the GGUF/llama.cpp table
-(bench/export.py: needs llama-cpp-python, compiled from source by `make bench`) run only when
-asked by name.
+(bench/export.py: needs llama-cpp-python, compiled from source by `make bench`) and the serving
+table (bench/serve.py: a server under load, ~10 min) run only when asked by name.
 
 This process only starts the measurements and prints; it never imports torch or a tokenizer, so
 it stays small: a child started from it counts its parent's memory in ru_maxrss (Linux keeps the
@@ -27,7 +27,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true",
                    help="fewer repetitions; the training benchmark runs the demo config only")
     p.add_argument("--only", choices=["train", "generate", "data", "eval", "lora", "dpo", "rollout", "longctx", "quant",
-                                        "export"],
+                                        "export", "serve"],
                    help="run one benchmark (longctx runs only when named: it needs the demo's run and ~30 min)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the benchmarks that use torch")
     args = p.parse_args()
@@ -69,6 +69,9 @@ def main() -> None:
     if args.only == "export":
         log("GGUF export: sizes, llama.cpp's agreement with us and its decoding speed next to ours")
         tables.append(_in_child("bench.export", "--threads", str(args.threads)))
+    if args.only == "serve":
+        log("serving: throughput and latency under concurrent clients, against one request at a time")
+        tables.append(_in_child("bench.serve", "--threads", str(args.threads)))
     print(f"## Benchmarks ({platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
           f"torch {version('torch')}, transformers {version('transformers')}, "
           f"{'quick' if args.quick else 'full'} run, {time.perf_counter() - started:.0f} s)\n")

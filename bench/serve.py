@@ -17,7 +17,7 @@ stream whole replies, clients that disconnect after a few tokens, clients sendin
 (malformed JSON, unknown model, a prompt longer than the context, max_tokens out of range, a
 wrong key), and prints the server's resident memory every 30 s.
 
-    python -m bench.serve [--ckpt RUN] [--threads N] [--requests N] [--soak SECONDS] [--llama-server PATH]
+    python -m bench.serve [--ckpt RUN] [--threads N] [--requests N] [--soak SECONDS [--soak-only]] [--llama-server PATH]
 """
 
 from __future__ import annotations
@@ -219,9 +219,17 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=64, help="requests per level with several clients (default 64)")
     p.add_argument("--soak", type=float, default=0, help="seconds of the memory soak (0: none)")
     p.add_argument("--llama-server", help="path of llama.cpp's llama-server binary, to serve the GGUF export too")
+    p.add_argument("--soak-only", action="store_true", help="skip the throughput table")
     args = p.parse_args()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     ckpt = args.ckpt or default_ckpt()
+    if not args.soak_only:
+        table(ckpt, args, log)
+    if args.soak:
+        soak_table(ckpt, args, log)
+
+
+def table(ckpt: Path, args, log) -> None:
     rows = []
     rows += measure("babyllama serve, --max-batch 32", lambda: start_ours(ckpt, 32, args.threads), [1, 8, 32],
                     args.requests, log)
@@ -247,18 +255,20 @@ def main() -> None:
           f"{r['rss']:.0f}"] for r in rows])
     print(f"### Serving ({ckpt}, {os.cpu_count()} CPUs, {args.threads} threads, streamed chat, max_tokens "
           f"{MAX_TOKENS}, temperature 0.8)\n\n{table}\n")
-    if args.soak:
-        proc, url = start_ours(ckpt, 32, args.threads)
-        try:
-            wait_ready(url, proc)
-            curve, counts = asyncio.run(soak(url, args.soak, proc.pid, log))
-            alive = proc.poll() is None
-        finally:
-            proc.terminate()
-            proc.wait(30)
-        print(f"### Soak: {args.soak:.0f} s, 6 streaming clients, 4 leaving mid-reply, 2 sending bad requests "
-              f"(server alive at the end: {alive}; {counts})\n")
-        print(markdown_table(["elapsed s", "server RSS MB"], [[f"{t:.0f}", f"{m:.0f}"] for t, m in curve]))
+
+
+def soak_table(ckpt: Path, args, log) -> None:
+    proc, url = start_ours(ckpt, 32, args.threads)
+    try:
+        wait_ready(url, proc)
+        curve, counts = asyncio.run(soak(url, args.soak, proc.pid, log))
+        alive = proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    print(f"### Soak: {args.soak:.0f} s, 6 streaming clients, 4 leaving mid-reply, 2 sending bad requests "
+          f"(server alive at the end: {alive}; {counts})\n")
+    print(markdown_table(["elapsed s", "server RSS MB"], [[f"{t:.0f}", f"{m:.0f}"] for t, m in curve]))
 
 
 if __name__ == "__main__":
