@@ -125,7 +125,7 @@ async def load(url: str, clients: int, requests: int) -> dict:
                 try:
                     results.append(await one_request(client, url, i))
                 except Exception as err:  # a failed request is a result, not the end of the bench
-                    results.append({"ok": False, "status": type(err).__name__})
+                    results.append({"ok": False, "status": f"{type(err).__name__}: {str(err)[:80]}"})
 
     start = time.perf_counter()
     await asyncio.gather(*(client_loop() for _ in range(clients)))
@@ -137,6 +137,7 @@ async def load(url: str, clients: int, requests: int) -> dict:
         return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
     return {"requests": len(results), "failed": len(results) - len(ok), "wall": wall,
+            "why": sorted({str(r["status"]) for r in results if not r["ok"]}),
             "tok_s": sum(r["tokens"] for r in ok) / wall, "ttft_p50": pct("ttft", 0.5), "ttft_p99": pct("ttft", 0.99),
             "total_p50": pct("total", 0.5), "total_p99": pct("total", 0.99)}
 
@@ -255,6 +256,9 @@ def table(ckpt: Path, args, log) -> None:
           f"{r['rss']:.0f}"] for r in rows])
     print(f"### Serving ({ckpt}, {os.cpu_count()} CPUs, {args.threads} threads, streamed chat, max_tokens "
           f"{MAX_TOKENS}, temperature 0.8)\n\n{table}\n")
+    for r in rows:
+        if r["failed"]:
+            print(f"- failed, {r['name']} at {r['clients']} clients: {'; '.join(r['why'])}")
 
 
 def soak_table(ckpt: Path, args, log) -> None:

@@ -48,6 +48,9 @@ def serve(job: ServeJob, log_level: str = "warning") -> None:
     import uvicorn
 
     app, batcher = build(job)
+    if job.host not in ("127.0.0.1", "localhost", "::1") and not job.api_key:
+        print(f"warning: serving on {job.host} without --api-key: anyone who reaches this port can use the model",
+              flush=True)
     where = f"http://{job.host}:{job.port}"
     print(f"serving {app.state.served.name} at {where}: chat page {where}/"
           f"{'?key=KEY' if job.api_key else ''}, OpenAI API {where}/v1 (Ctrl-C stops)", flush=True)
