@@ -1,7 +1,7 @@
 """The one inference engine: a model, its tokenizer and chat template, and the KV caches it reuses.
 
-Everything that generates goes through it: `babyllama generate` and `chat`, the demo, and (next)
-evaluation, RL rollouts and the server.
+Everything that generates goes through it: `babyllama generate` and `chat`, the demo, evaluation and
+RL rollouts; the server loads through it and decodes with its continuous batcher (infer/batching.py).
 
     engine = Engine.load("runs/sft")                           # or Engine(model, tokenizer)
     engine.complete("今天天气", max_new_tokens=50)               # continue a text
