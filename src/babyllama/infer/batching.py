@@ -33,7 +33,7 @@ import torch
 
 from babyllama.config import ConfigError
 from babyllama.infer.decode import pack_for_batches
-from babyllama.infer.sampling import SamplingConfig, penalize_seen, sample_next
+from babyllama.infer.sampling import SamplingConfig, check_max_new_tokens, penalize_seen, sample_next
 
 
 class QueueFull(RuntimeError):
@@ -142,6 +142,7 @@ class Batcher:
             raise ConfigError("the prompt is empty: generation needs at least one token to start from")
         if len(prompt) >= self.context:
             raise ConfigError(f"the prompt has {len(prompt)} tokens; the model's context is {self.context}")
+        check_max_new_tokens(max_new_tokens)
         sampling.validate()
         request = Request(list(prompt), max_new_tokens, sampling, frozenset(stop_ids), on_token, on_finish)
         if sampling.seed is not None:
