@@ -102,3 +102,22 @@ def pytest_collection_modifyitems(config, items):
     if len(kept) != len(items):
         config.hook.pytest_deselected(items=[item for item in items if "llamacpp" in item.keywords])
         items[:] = kept
+
+
+def make_lora_run(float_run, out, targets: str = "q,v,down"):
+    """An adapter run over `float_run` in `out` with trained-looking adapters (B moved from zero);
+    returns the adapted model (eval mode)."""
+    import babyllama.checkpoint as ckpt_io
+    from babyllama.adapters import LoRA
+    from babyllama.rundir import write_checkpoint_run
+    from babyllama.transforms import apply_transforms
+
+    model, ckpt = ckpt_io.load_model(float_run)
+    apply_transforms(model, [LoRA(rank=4, alpha=8, dropout=0.0, targets=targets)])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    out.mkdir()
+    write_checkpoint_run(out, "sft", model, ckpt, 5, {}, base=str(ckpt))
+    return model.eval()

@@ -16,7 +16,7 @@ from babyllama.model import Llama
 from babyllama.rundir import write_checkpoint_run
 from babyllama.tokenizer import load_tokenizer
 from babyllama.tokenizer.chat import ChatTemplate, Message
-from tests.conftest import tiny_model_config
+from tests.conftest import make_lora_run, tiny_model_config
 
 import transformers  # noqa: E402  (a dev dependency: the independent reference)
 
@@ -114,25 +114,10 @@ def test_import_a_transformers_llama(tokenizer_dir, tokenizer, tmp_path, rope):
     assert imported.kind == "huggingface" and imported.encode(TEXT) == tokenizer.encode(TEXT)
 
 
-def _lora_run(float_run, tmp_path):
-    from babyllama.adapters import LoRA
-    from babyllama.transforms import apply_transforms
-
-    model, ckpt = ckpt_io.load_model(float_run)
-    apply_transforms(model, [LoRA(rank=4, alpha=8, dropout=0.0, targets="q,v,down")])
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_B." in name:
-                p.copy_(torch.randn_like(p) * 0.05)
-    (tmp_path / "lora").mkdir()
-    write_checkpoint_run(tmp_path / "lora", "sft", model, ckpt, 5, {}, base=str(ckpt))
-    return model.eval()
-
-
 def test_lora_run_exports_merged_or_as_a_peft_adapter(float_run, tmp_path):
     import peft
 
-    adapted = _lora_run(float_run, tmp_path)
+    adapted = make_lora_run(float_run, tmp_path / "lora")
     ids = load_tokenizer(float_run / "tokenizer").encode(TEXT)
     expected = _ours(adapted, ids)
     export(ExportJob(ckpt=str(tmp_path / "lora"), out=str(tmp_path / "merged")))

@@ -7,24 +7,11 @@ from fastapi.testclient import TestClient
 from babyllama.infer.engine import Engine
 from babyllama.infer.sampling import SamplingConfig
 from babyllama.serve.stage import ServeJob, build
+from tests.conftest import make_lora_run
 
 
 def _lora(float_run, out):
-    import torch
-
-    import babyllama.checkpoint as ckpt_io
-    from babyllama.adapters import LoRA
-    from babyllama.rundir import write_checkpoint_run
-    from babyllama.transforms import apply_transforms
-
-    model, ckpt = ckpt_io.load_model(float_run)
-    apply_transforms(model, [LoRA(rank=4, alpha=8, dropout=0.0, targets="q,v")])
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_B." in name:
-                p.copy_(torch.randn_like(p) * 0.05)
-    out.mkdir()
-    write_checkpoint_run(out, "sft", model, ckpt, 1, {}, base=str(ckpt))
+    make_lora_run(float_run, out, targets="q,v")
 
 
 def _quantized(float_run, out):
